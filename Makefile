@@ -1,0 +1,59 @@
+# sessiond developer entry points. Everything runs from the project's own venv (.venv), built on demand,
+# so a fresh clone needs only `make test` (and, for the service tests, the local servers: scripts/services.sh).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall only when the dependencies may have changed: the stamp is older than pyproject.toml.
+STAMP := $(VENV)/.sessiond-installed
+# pytest is interrupted (SIGINT, so it prints what was running) after this many seconds; CI's budget is 30 min.
+TEST_TIMEOUT ?= 1200
+# Dump every thread's stack when one test runs longer than this (diagnoses hangs without killing the run).
+HANG_DUMP ?= 300
+PYTEST_ARGS ?=
+TYPED := actors transport storage api client
+
+.PHONY: all venv run test services lint bench clean distclean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+run: venv
+	$(BIN)/sessiond serve
+
+services:
+	scripts/services.sh ensure
+
+# Lint first, but run the tests even when lint fails (one CI run reports both); fail if either failed.
+test: venv
+	@lint=0; \
+	echo "+ ruff check ."; $(BIN)/ruff check . || lint=1; \
+	echo "+ scripts/services.sh ensure"; scripts/services.sh ensure || exit 1; \
+	echo "+ pytest -q $(PYTEST_ARGS)"; \
+	timeout -s INT -k 30 $(TEST_TIMEOUT) $(BIN)/pytest -q -o faulthandler_timeout=$(HANG_DUMP) $(PYTEST_ARGS) \
+		|| exit $$?; \
+	if [ $$lint -ne 0 ]; then echo "make test: tests passed but ruff check failed (see above)" >&2; fi; \
+	exit $$lint
+
+lint: venv
+	@rc=0; \
+	echo "+ ruff check ."; $(BIN)/ruff check . || rc=1; \
+	echo "+ mypy $(TYPED)"; $(BIN)/mypy $(TYPED) || rc=1; \
+	exit $$rc
+
+bench: venv
+	$(BIN)/python -m bench --help
+
+# Build and tool caches; keeps the venv and the embedded data dir (.sessiond holds real data).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,164 @@
+"""Which session actors are alive on this pod: activation on first use, passivation, shutdown.
+
+Transport and API reach actors only through the registry (DESIGN §1). It is no global: the
+composition root makes one and passes it down, so tests can run several side by side.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from actors.messages import ActorUnavailable, Describe, End, Message, RestChange, RestHandoff, Shutdown
+from actors.session_actor import ActorConfig, SessionActor, SessionNotFound, now_iso
+from storage.ports import JSON, SessionRecord, Snapshot, Storage
+
+log = structlog.get_logger("sessiond.registry")
+
+__all__ = ["Registry", "SessionNotFound"]
+
+
+def new_session_id() -> str:
+    """URL-safe, unguessable, 22 characters."""
+    return secrets.token_urlsafe(16)
+
+
+class Registry:
+    def __init__(self, storage: Storage, config: ActorConfig) -> None:
+        self.storage = storage
+        self.config = config
+        self._actors: dict[str, SessionActor] = {}
+        self._retiring: dict[str, SessionActor] = {}
+        self._activating: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self.closing = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hosts every actor task; returns once `shutdown()` has stopped them all."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- lookup -------------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> SessionActor:
+        """The live actor of a session, activating it from storage on first use.
+
+        Returns without a checkpoint after the final lookup, so a caller's `tell` right after it
+        reaches this actor before it could passivate.
+        """
+        while True:
+            if self.closing:
+                raise ActorUnavailable("server shutting down")
+            actor = self._actors.get(session_id)
+            if actor is not None:
+                return actor
+            retiring = self._retiring.get(session_id)
+            if retiring is not None:
+                await retiring.stopped.wait()
+                continue
+            pending = self._activating.get(session_id)
+            if pending is not None:
+                await pending.wait()
+                continue
+            return await self._activate(session_id)
+
+    async def _activate(self, session_id: str) -> SessionActor:
+        assert self._nursery is not None, "Registry.run() is not running"
+        done = self._activating[session_id] = trio.Event()
+        try:
+            actor = SessionActor(session_id, self.storage, self.config, self._retire)
+            await self._nursery.start(actor.run)
+            self._actors[session_id] = actor
+            return actor
+        finally:
+            del self._activating[session_id]
+            done.set()
+
+    def _retire(self, actor: SessionActor) -> None:
+        """Called by an actor that stops taking messages; later lookups wait until it is gone."""
+        if self._actors.get(actor.id) is actor:
+            del self._actors[actor.id]
+        if actor.stopped.is_set():
+            if self._retiring.get(actor.id) is actor:
+                del self._retiring[actor.id]
+        else:
+            self._retiring[actor.id] = actor
+
+    def live(self) -> list[SessionActor]:
+        return list(self._actors.values())
+
+    def lookup(self, session_id: str) -> SessionActor | None:
+        """The live actor, if any (no activation)."""
+        return self._actors.get(session_id)
+
+    # ---- conveniences for transport and api ---------------------------------------------------
+
+    async def tell(self, session_id: str, message: Message) -> SessionActor:
+        actor = await self.get(session_id)
+        actor.tell(message)
+        return actor
+
+    async def ask(self, session_id: str, message: Any, timeout_s: float = 10.0) -> Any:
+        actor = await self.get(session_id)
+        return await actor.ask(message, timeout_s)
+
+    async def create_session(
+        self, owner: str, name: str, metadata: dict[str, JSON], state: dict[str, JSON]
+    ) -> SessionRecord:
+        now = time.time()
+        record = SessionRecord(
+            id=new_session_id(),
+            owner=owner,
+            name=name,
+            metadata=metadata,
+            status="active",
+            version=0,
+            active=None,
+            created_at=now,
+            updated_at=now,
+        )
+        await self.storage.sessions.record_user(owner)
+        await self.storage.sessions.create_session(record)
+        await self.storage.snapshots.save_snapshot(Snapshot(record.id, 0, state, "active", None))
+        self.storage.events.publish(
+            "session.created",
+            {"type": "session.created", "session": record.id, "owner": owner, "at": now_iso(), "name": name},
+        )
+        return record
+
+    async def describe(self, session_id: str) -> bytes:
+        """The session as JSON bytes, encoded by its actor at one version."""
+        result: bytes = await self.ask(session_id, Describe())
+        return result
+
+    async def change(self, session_id: str, ops: list[dict[str, JSON]], base: int | None) -> Any:
+        return await self.ask(session_id, RestChange(ops, base))
+
+    async def handoff(self, session_id: str, device: str) -> Any:
+        return await self.ask(session_id, RestHandoff(device))
+
+    async def end(self, session_id: str) -> None:
+        await self.ask(session_id, End())
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Checkpoint every actor and close its devices with 1001, then stop hosting actors."""
+        self.closing = True
+        with trio.move_on_after(grace_s):
+            async with trio.open_nursery() as nursery:
+                for actor in list(self._actors.values()):
+                    nursery.start_soon(self._stop_actor, actor, grace_s)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _stop_actor(self, actor: SessionActor, grace_s: float) -> None:
+        try:
+            await actor.ask(Shutdown(), grace_s)
+        except Exception as exc:  # Overloaded, ActorUnavailable: it still stops when its nursery is cancelled
+            log.warning("actor did not shut down cleanly", session=actor.id, error=str(exc))
+        await actor.stopped.wait()

@@ -1,0 +1,402 @@
+"""SessionState: the decision logic of one session actor, as a plain object with no I/O.
+
+Each command method changes the state and appends effects (data) to `self.effects`; the async actor
+runtime drains them after every turn: first the durable ones (journal, synchronous checkpoint), then the
+sends. Acks and patches therefore never leave before the change they announce is stored (DESIGN §5).
+Tests and the hypothesis model drive this class directly, without trio or sockets.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from actors.ops import InvalidOp, TooLarge, apply_ops
+from storage.ports import Change, SessionRecord, Snapshot
+
+JSON = Any
+REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id, so never mistaken for one
+ACKED_PER_DEVICE = 512  # op ids remembered per device for idempotent retransmits
+ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
+
+
+def _copy_json(value: dict[str, JSON]) -> dict[str, JSON]:
+    result: dict[str, JSON] = orjson.loads(orjson.dumps(value))
+    return result
+
+
+# ---- effects -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One frame to one connected device."""
+
+    device: str
+    frame: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """One frame, encoded once, to every connected device except `exclude`."""
+
+    frame: dict[str, JSON]
+    exclude: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    change: Change
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Write a snapshot; `sync` ones complete before this turn's sends (handoff, DESIGN §5)."""
+
+    reason: str
+    sync: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    routing_key: str
+    fields: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close every connection of the session (device None) or one device's, with a close code."""
+
+    code: int
+    reason: str
+    device: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The session ended: delete its data and stop the actor."""
+
+
+Effect = Send | Broadcast | Journal | Checkpoint | Publish | Close | Stop
+
+
+# ---- results of requests (what REST returns; WebSocket requests answer with frames) --------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    code: str  # DESIGN §3 error code
+    message: str
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    version: int
+    active: str | None = None
+
+
+Result = Accepted | Rejected
+
+
+def error_frame(rejected: Rejected, op_id: int | None) -> dict[str, JSON]:
+    frame: dict[str, JSON] = {"t": "error", "code": rejected.code, "message": rejected.message}
+    if op_id is not None:
+        frame["id"] = op_id
+    if rejected.version is not None:
+        frame["version"] = rejected.version
+    return frame
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    device: str
+    kind: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"device": self.device, "kind": self.kind}
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The live session. Only the actor that owns it calls its methods, one at a time."""
+
+    id: str
+    owner: str
+    name: str
+    metadata: dict[str, JSON]
+    status: str
+    state: dict[str, JSON]
+    version: int
+    active: str | None
+    created_at: float
+    updated_at: float
+    replay_window: int = 1000
+    max_state_bytes: int = 1 << 20
+    devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    effects: list[Effect] = field(default_factory=list)
+    replay: deque[dict[str, JSON]] = field(default_factory=deque)
+    acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
+    approx_bytes: int = 0
+    checkpointed_version: int = 0
+
+    def __post_init__(self) -> None:
+        if self.replay.maxlen != self.replay_window:  # the replay buffer is bounded however we are built (§5.5)
+            self.replay = deque(self.replay, maxlen=self.replay_window)
+
+    # ---- construction and snapshots ----------------------------------------------------------
+
+    @classmethod
+    def restore(
+        cls,
+        record: SessionRecord,
+        snapshot: Snapshot | None,
+        journal: list[Change],
+        *,
+        replay_window: int = 1000,
+        max_state_bytes: int = 1 << 20,
+    ) -> SessionState:
+        """Rebuild from the newest snapshot plus the journal after it (DESIGN §5 recovery)."""
+        s = cls(
+            id=record.id,
+            owner=record.owner,
+            name=record.name,
+            metadata=record.metadata,
+            status=record.status,
+            state={},
+            version=0,
+            active=record.active,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            replay_window=replay_window,
+            max_state_bytes=max_state_bytes,
+        )
+        s.replay = deque(maxlen=replay_window)
+        if snapshot is not None:
+            # Our own copy: the journal replays onto it, and a store may hand the same object to the next restore.
+            s.state = _copy_json(snapshot.state)
+            s.version = snapshot.version
+            s.status = snapshot.status if record.status != "ended" else "ended"
+            s.active = snapshot.active
+            for device, pairs in snapshot.acked.items():
+                s.acked[device] = OrderedDict((int(i), int(v)) for i, v in pairs)
+        s.checkpointed_version = s.version
+        for change in journal:
+            if change.version != s.version + 1:
+                continue  # already in the snapshot (or a duplicate write); the journal is ordered
+            apply_ops(s.state, change.ops)
+            s.version = change.version
+            if change.op_id is not None:
+                s._remember(change.device, change.op_id, change.version)
+            s.replay.append(s._patch(change.device, change.ops))
+        s.approx_bytes = len(orjson.dumps(s.state))
+        return s
+
+    def snapshot(self) -> Snapshot:
+        """A snapshot of this moment; state is deep-copied through orjson so later ops cannot alter it."""
+        return Snapshot(
+            session_id=self.id,
+            version=self.version,
+            state=orjson.loads(orjson.dumps(self.state)),
+            status=self.status,
+            active=self.active,
+            acked={d: [[i, v] for i, v in ids.items()] for d, ids in self.acked.items()},
+        )
+
+    def record(self) -> SessionRecord:
+        return SessionRecord(
+            id=self.id,
+            owner=self.owner,
+            name=self.name,
+            metadata=self.metadata,
+            status=self.status,
+            version=self.version,
+            active=self.active,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+    def describe(self) -> dict[str, JSON]:
+        """The session as REST shows it (DESIGN §4)."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "name": self.name,
+            "metadata": self.metadata,
+            "status": self.status,
+            "state": self.state,
+            "version": self.version,
+            "active": self.active,
+            "devices": self._device_list(),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    # ---- devices ------------------------------------------------------------------------------
+
+    def join(self, device: str, kind: str, resume: int | None, now: float) -> None:
+        """A device connected: it gets a welcome, the others a presence frame."""
+        self.devices[device] = DeviceInfo(device, kind)
+        self.effects.append(Send(device, self.welcome(device, resume)))
+        self.effects.append(Broadcast(self._presence(), exclude=device))
+        self.effects.append(Publish("device.joined", {"device": device, "kind": kind}))
+
+    def leave(self, device: str, now: float) -> None:
+        if self.devices.pop(device, None) is None:
+            return
+        self.effects.append(Broadcast(self._presence()))
+        self.effects.append(Publish("device.left", {"device": device}))
+
+    def welcome(self, device: str, resume: int | None = None) -> dict[str, JSON]:
+        """Replay when the device's version is still in the window, else the full state."""
+        frame: dict[str, JSON] = {
+            "t": "welcome",
+            "session": self.id,
+            "device": device,
+            "version": self.version,
+            "active": self.active,
+            "devices": self._device_list(),
+        }
+        if resume is not None and resume <= self.version:
+            missing = self.version - resume
+            if missing == 0:
+                frame["mode"] = "replay"
+                frame["patches"] = []
+                return frame
+            if missing <= len(self.replay):
+                frame["mode"] = "replay"
+                frame["patches"] = list(self.replay)[len(self.replay) - missing :]
+                return frame
+        frame["mode"] = "full"
+        # A copy: effects are sent after the turn, when later changes of the same turn have moved the state on.
+        frame["state"] = _copy_json(self.state)
+        return frame
+
+    # ---- changes ------------------------------------------------------------------------------
+
+    def change(
+        self, device: str, op_id: int | None, ops: list[dict[str, JSON]], base: int | None, now: float
+    ) -> Result:
+        """Apply one change atomically (a WebSocket `op` when op_id is set, else REST PATCH)."""
+        if self.status == "ended":
+            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+        if op_id is not None:
+            known = self.acked.get(device)
+            if known is not None and op_id in known:
+                version = known[op_id]
+                self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": version}))
+                return Accepted(version)
+        if base is not None and base != self.version:
+            return self._reject(
+                device, op_id, Rejected("conflict", f"base {base} is not the current version", self.version)
+            )
+        try:
+            added = len(orjson.dumps(ops))
+        except TypeError as exc:  # e.g. an integer beyond 64 bits from a REST body: storable nowhere
+            return self._reject(device, op_id, Rejected("invalid_op", str(exc), self.version))
+        try:
+            apply_ops(self.state, ops, self._size_check(added))
+        except InvalidOp as exc:
+            return self._reject(device, op_id, Rejected(exc.code, str(exc), self.version))
+        self.version += 1
+        self.updated_at = now
+        if op_id is not None:
+            self._remember(device, op_id, self.version)
+        patch = self._patch(device, ops)
+        self.replay.append(patch)
+        self.effects.append(Journal(Change(self.version, device, op_id, ops)))
+        if op_id is not None:
+            self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
+        self.effects.append(Broadcast(patch, exclude=device))
+        return Accepted(self.version)
+
+    def _size_check(self, added: int) -> Any:
+        def check(state: dict[str, JSON]) -> None:
+            # Cheap running estimate; only when it crosses the limit do we measure exactly.
+            estimate = self.approx_bytes + added
+            if estimate > self.max_state_bytes:
+                estimate = len(orjson.dumps(state))
+                if estimate > self.max_state_bytes:
+                    raise TooLarge(f"state would exceed {self.max_state_bytes} bytes")
+            self.approx_bytes = estimate
+
+        return check
+
+    # ---- handoff --------------------------------------------------------------------------------
+
+    def pause(self, device: str, op_id: int, now: float) -> Result:
+        """The active device pauses: snapshot first, then everyone hears the session is free."""
+        if self.status == "ended":
+            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+        if self.active is not None and self.active != device:
+            return self._reject(
+                device, op_id, Rejected("conflict", f"only the active device ({self.active}) may pause")
+            )
+        self.status = "paused"
+        self._set_active(None, now)
+        self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
+        return Accepted(self.version, None)
+
+    def claim(self, device: str, op_id: int | None, now: float) -> Result:
+        """`device` becomes active (a WebSocket claim, or REST handoff when op_id is None)."""
+        if self.status == "ended":
+            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+        self.status = "active"
+        self._set_active(device, now)
+        if op_id is not None:
+            self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
+        return Accepted(self.version, device)
+
+    def _set_active(self, device: str | None, now: float) -> None:
+        previous = self.active
+        self.active = device
+        self.updated_at = now
+        self.effects.append(Checkpoint("handoff", sync=True))
+        self.effects.append(Broadcast({"t": "handoff", "active": device, "version": self.version}))
+        self.effects.append(Publish("session.handoff", {"from": previous, "to": device, "version": self.version}))
+
+    # ---- end ----------------------------------------------------------------------------------
+
+    def end(self, now: float) -> None:
+        """Deleted over REST: devices get `ended`, then close 4010; the actor stops."""
+        self.status = "ended"
+        self.updated_at = now
+        self.effects.append(Broadcast({"t": "ended"}))
+        self.effects.append(Close(4010, "session ended"))
+        self.effects.append(Publish("session.ended", {"version": self.version}))
+        self.effects.append(Stop())
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def take_effects(self) -> list[Effect]:
+        effects, self.effects = self.effects, []
+        return effects
+
+    def _reject(self, device: str, op_id: int | None, rejected: Rejected) -> Rejected:
+        if op_id is not None:
+            self.effects.append(Send(device, error_frame(rejected, op_id)))
+        return rejected
+
+    def _remember(self, device: str, op_id: int, version: int) -> None:
+        ids = self.acked.get(device)
+        if ids is None:
+            ids = self.acked[device] = OrderedDict()
+            if len(self.acked) > ACKED_DEVICES:
+                self.acked.popitem(last=False)
+        else:
+            self.acked.move_to_end(device)
+        ids[op_id] = version
+        if len(ids) > ACKED_PER_DEVICE:
+            ids.popitem(last=False)
+
+    def _patch(self, device: str, ops: list[dict[str, JSON]]) -> dict[str, JSON]:
+        return {"t": "patch", "version": self.version, "device": device, "ops": ops}
+
+    def _device_list(self) -> list[dict[str, str]]:
+        return [info.as_json() for info in self.devices.values()]
+
+    def _presence(self) -> dict[str, JSON]:
+        return {"t": "presence", "devices": self._device_list(), "active": self.active}

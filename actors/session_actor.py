@@ -1,0 +1,457 @@
+"""The async runtime of one session: mailbox loop, effect execution, checkpoints, supervision.
+
+All decisions are made by `SessionState`; this module only moves messages in and effects out.
+One turn = every message already waiting (up to TURN_MAX): their changes are journaled in one
+write (group commit) before any ack or patch of the turn leaves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+import trio
+
+from actors import metrics
+from actors.messages import (
+    ActorUnavailable,
+    Attach,
+    ChangeRequest,
+    ClaimRequest,
+    Crash,
+    Describe,
+    Detach,
+    DeviceLink,
+    End,
+    Message,
+    Outgoing,
+    Overloaded,
+    PauseRequest,
+    Reply,
+    RestChange,
+    RestHandoff,
+    Shutdown,
+)
+from actors.session import (
+    REST_DEVICE,
+    Accepted,
+    Broadcast,
+    Checkpoint,
+    Close,
+    Effect,
+    Journal,
+    Publish,
+    Rejected,
+    Send,
+    SessionState,
+    Stop,
+)
+from actors.supervisor import Directive, RestartBudget
+from storage.ports import Storage, StorageUnavailable
+
+TURN_MAX = 256
+STORAGE_RETRY_MAX_S = 10.0
+CLOSE_REPLACED = 4009  # a newer connection of the same device took over
+CLOSE_INTERNAL = 1011
+
+log = structlog.get_logger("sessiond.actor")
+
+
+class SessionNotFound(LookupError):
+    """No such session, or it has ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActorConfig:
+    """The actor-side slice of the settings (actors do not import api.settings)."""
+
+    mailbox_size: int = 4096
+    replay_window: int = 1000
+    max_state_bytes: int = 1 << 20
+    passivate_after_s: float = 300.0
+    checkpoint_every_versions: int = 1000
+    checkpoint_every_s: float = 5.0
+    max_restarts: int = 10
+    restart_window_s: float = 60.0
+    storage_timeout_s: float = 5.0
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SessionActor:
+    """Owns one session's state and its connected devices."""
+
+    def __init__(
+        self,
+        session_id: str,
+        storage: Storage,
+        config: ActorConfig,
+        on_retire: Callable[[SessionActor], None],
+    ) -> None:
+        self.id = session_id
+        self.storage = storage
+        self.config = config
+        self._on_retire = on_retire
+        self._send, self._recv = trio.open_memory_channel[Message](config.mailbox_size)
+        self.links: dict[str, DeviceLink] = {}
+        self.kinds: dict[str, str] = {}
+        self.state: SessionState | None = None
+        self.stopped = trio.Event()
+        self.failed = False
+        self.handled = 0
+        self.started_at = time.time()
+        self.last_checkpoint_at: float | None = None
+        self._last_activity = trio.current_time()
+        self._last_checkpoint_clock = trio.current_time()
+        self._inflight: list[Reply] = []
+        self._log = log.bind(session=session_id)
+
+    # ---- the outside's view ---------------------------------------------------------------------
+
+    def tell(self, message: Message) -> None:
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            raise Overloaded(f"session {self.id} is busy") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ActorUnavailable(f"session {self.id} is stopping") from None
+
+    async def ask(self, message: Any, timeout_s: float = 10.0) -> Any:
+        self.tell(message)
+        return await message.reply.wait(timeout_s)
+
+    def statistics(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "session": self.id,
+            "devices": sorted(self.links),
+            "active": state.active if state else None,
+            "version": state.version if state else None,
+            "mailbox_depth": self._recv.statistics().current_buffer_used,
+            "messages_handled": self.handled,
+            "messages_per_s": round(self.handled / max(time.time() - self.started_at, 1e-3), 2),
+            "last_checkpoint_at": self.last_checkpoint_at,
+            "failed": self.failed,
+        }
+
+    # ---- supervision --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, serve, and restart after a crash within the restart budget (DESIGN §5.4)."""
+        budget = RestartBudget(self.config.max_restarts, self.config.restart_window_s)
+        started = False
+        try:
+            while True:
+                try:
+                    self.state = await self._load(wait_for_storage=started)
+                    if not started:
+                        metrics.ACTIVATIONS.inc()
+                        metrics.ACTORS_LIVE.inc()
+                        started = True
+                        task_status.started()
+                    else:
+                        self._resync_all()
+                    await self._serve()
+                    return
+                except Exception as exc:
+                    if not started:
+                        raise
+                    self._fail_inflight(ActorUnavailable("the session restarted; retry"))
+                    metrics.CRASHES.inc()
+                    self._log.error("actor crashed", exc_info=exc)
+                    self.storage.events.publish(
+                        "actor.crashed", self._event_body("actor.crashed", {"error": type(exc).__name__})
+                    )
+                    if budget.decide(trio.current_time()) is Directive.STOP:
+                        metrics.FAILED.inc()
+                        self.failed = True
+                        self._log.error("session failed: restart budget spent", restarts=budget.recent)
+                        for link in self.links.values():
+                            link.close(CLOSE_INTERNAL, "session failed")
+                        return
+        finally:
+            self._send.close()
+            self._fail_pending_mail()
+            if started:
+                metrics.ACTORS_LIVE.dec()
+            self.stopped.set()
+            self._on_retire(self)
+
+    async def _load(self, *, wait_for_storage: bool) -> SessionState:
+        """Newest snapshot + journal after it. After a crash, wait out a storage outage with backoff."""
+        delay = 0.1
+        while True:
+            try:
+                with trio.fail_after(self.config.storage_timeout_s):
+                    return await self._load_once()
+            except (StorageUnavailable, trio.TooSlowError) as exc:
+                if not wait_for_storage:
+                    raise StorageUnavailable(str(exc) or "storage timed out") from exc
+                self._log.warning("storage unavailable while reloading; retrying", delay_s=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, STORAGE_RETRY_MAX_S)
+
+    async def _load_once(self) -> SessionState:
+        record = await self.storage.sessions.get_session(self.id)
+        if record is None or record.status == "ended":
+            raise SessionNotFound(self.id)
+        snapshot = await self.storage.snapshots.load_snapshot(self.id)
+        journal = await self.storage.journal.read_after(self.id, snapshot.version if snapshot else 0)
+        state = SessionState.restore(
+            record,
+            snapshot,
+            journal,
+            replay_window=self.config.replay_window,
+            max_state_bytes=self.config.max_state_bytes,
+        )
+        for device, kind in self.kinds.items():
+            state.join(device, kind, None, time.time())
+        state.take_effects()  # a restart re-registers devices silently; _resync_all sends the welcomes
+        return state
+
+    def _resync_all(self) -> None:
+        """After a restart every device gets a fresh full welcome (DESIGN §5.1)."""
+        assert self.state is not None
+        for device, link in self.links.items():
+            link.resync(Outgoing(self.state.welcome(device)))
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            message: Message | None = None
+            with trio.move_on_after(self._until_timer()):
+                message = await self._recv.receive()
+            if message is None:
+                if await self._on_timer():
+                    return
+                continue
+            batch: list[Message] = [message]
+            while len(batch) < TURN_MAX:
+                try:
+                    batch.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            metrics.TURN_MESSAGES.observe(len(batch))
+            self._last_activity = trio.current_time()
+            if await self._turn(batch):
+                return
+
+    def _until_timer(self) -> float:
+        assert self.state is not None
+        now = trio.current_time()
+        waits = [self._last_activity + self.config.passivate_after_s - now]
+        if self.state.version != self.state.checkpointed_version:
+            waits.append(self._last_checkpoint_clock + self.config.checkpoint_every_s - now)
+        return max(0.0, min(waits)) if waits else math.inf
+
+    async def _on_timer(self) -> bool:
+        """Periodic checkpoint, and passivation of an idle actor. True when the actor stops."""
+        assert self.state is not None
+        now = trio.current_time()
+        if self.state.version != self.state.checkpointed_version and (
+            now - self._last_checkpoint_clock >= self.config.checkpoint_every_s
+        ):
+            await self._checkpoint("timer")
+        idle = now - self._last_activity >= self.config.passivate_after_s
+        if idle and not self.links and self._recv.statistics().current_buffer_used == 0:
+            self._on_retire(self)  # no new messages can reach us from here on
+            await self._checkpoint("passivate", force=True)
+            metrics.PASSIVATIONS.inc()
+            self._log.info("passivated")
+            return True
+        if idle:
+            self._last_activity = now
+        return False
+
+    async def _turn(self, batch: list[Message]) -> bool:
+        state = self.state
+        assert state is not None
+        wall = time.time()
+        replies: list[tuple[Reply, Any]] = []
+        stop = False
+        shutdown: Shutdown | None = None
+        for message in batch:
+            self.handled += 1
+            if isinstance(message, ChangeRequest):
+                if self.links.get(message.link.device) is message.link:
+                    self._count(state.change(message.link.device, message.op_id, message.ops, message.base, wall))
+            elif isinstance(message, Attach):
+                self._attach(state, message, wall)
+            elif isinstance(message, Detach):
+                if self.links.get(message.link.device) is message.link:
+                    del self.links[message.link.device]
+                    self.kinds.pop(message.link.device, None)
+                    state.leave(message.link.device, wall)
+            elif isinstance(message, PauseRequest):
+                if self.links.get(message.link.device) is message.link:
+                    self._count(state.pause(message.link.device, message.op_id, wall))
+            elif isinstance(message, ClaimRequest):
+                if self.links.get(message.link.device) is message.link:
+                    self._count(state.claim(message.link.device, message.op_id, wall))
+            elif isinstance(message, RestChange):
+                self._inflight.append(message.reply)
+                result = state.change(REST_DEVICE, None, message.ops, message.base, wall)
+                replies.append((message.reply, self._count(result)))
+            elif isinstance(message, RestHandoff):
+                self._inflight.append(message.reply)
+                replies.append((message.reply, self._count(state.claim(message.device, None, wall))))
+            elif isinstance(message, Describe):
+                replies.append((message.reply, orjson.dumps(state.describe())))
+            elif isinstance(message, End):
+                self._inflight.append(message.reply)
+                state.end(wall)
+                replies.append((message.reply, None))
+            elif isinstance(message, Shutdown):
+                self._inflight.append(message.reply)
+                shutdown = message
+                break
+            elif isinstance(message, Crash):
+                raise RuntimeError("crash requested")
+        effects = state.take_effects()
+        await self._persist(effects)
+        stop = self._dispatch(effects)
+        if stop:
+            await self._end_storage()
+        for reply, value in replies:
+            reply.set(value)
+        self._inflight.clear()
+        if shutdown is not None:
+            await self._checkpoint("shutdown", force=True)
+            for link in self.links.values():
+                link.close(1001, "server shutting down")
+            shutdown.reply.set(None)
+            self._on_retire(self)
+            return True
+        if stop:
+            return True
+        if state.version - state.checkpointed_version >= self.config.checkpoint_every_versions:
+            await self._checkpoint("versions")
+        return False
+
+    def _attach(self, state: SessionState, message: Attach, wall: float) -> None:
+        device = message.link.device
+        old = self.links.get(device)
+        if old is not None and old is not message.link:
+            old.close(CLOSE_REPLACED, "replaced by a newer connection of this device")
+        self.links[device] = message.link
+        self.kinds[device] = message.kind
+        state.join(device, message.kind, message.resume, wall)
+
+    def _count(self, result: Accepted | Rejected) -> Accepted | Rejected:
+        if isinstance(result, Rejected):
+            metrics.REJECTED.labels(result.code).inc()
+        return result
+
+    # ---- effects ------------------------------------------------------------------------------
+
+    async def _persist(self, effects: list[Effect]) -> None:
+        """Durable effects first: the journal batch (group commit), then a handoff snapshot."""
+        changes = [e.change for e in effects if isinstance(e, Journal)]
+        if changes:
+            started = time.perf_counter()
+            with trio.fail_after(self.config.storage_timeout_s):
+                await self.storage.journal.append(self.id, changes)
+            metrics.JOURNAL_SECONDS.observe(time.perf_counter() - started)
+            metrics.CHANGES.inc(len(changes))
+        if any(isinstance(e, Checkpoint) and e.sync for e in effects):
+            await self._checkpoint("handoff", force=True, raise_errors=True)
+
+    def _dispatch(self, effects: list[Effect]) -> bool:
+        state = self.state
+        assert state is not None
+        stop = False
+        for effect in effects:
+            if isinstance(effect, Broadcast):
+                out = Outgoing(effect.frame)
+                for device, link in self.links.items():
+                    if device != effect.exclude:
+                        self._deliver(link, out)
+            elif isinstance(effect, Send):
+                target = self.links.get(effect.device)
+                if target is not None:
+                    self._deliver(target, Outgoing(effect.frame))
+            elif isinstance(effect, Close):
+                targets = self.links.values() if effect.device is None else [self.links[effect.device]]
+                for link in targets:
+                    link.close(effect.code, effect.reason)
+            elif isinstance(effect, Publish):
+                self.storage.events.publish(effect.routing_key, self._event_body(effect.routing_key, effect.fields))
+            elif isinstance(effect, Stop):
+                stop = True
+        return stop
+
+    def _deliver(self, link: DeviceLink, out: Outgoing) -> None:
+        """Queue for one device; an overflow becomes one fresh welcome, a second one a disconnect (§5.5)."""
+        if link.deliver(out):
+            return
+        if link.resyncing:
+            metrics.SLOW_CONSUMERS.labels("disconnect").inc()
+            link.close(4008, "slow_consumer")
+        else:
+            metrics.SLOW_CONSUMERS.labels("resync").inc()
+            assert self.state is not None
+            link.resync(Outgoing(self.state.welcome(link.device)))
+
+    def _event_body(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        owner = self.state.owner if self.state else None
+        return {"type": kind, "session": self.id, "owner": owner, "at": now_iso(), **fields}
+
+    async def _checkpoint(self, reason: str, *, force: bool = False, raise_errors: bool = False) -> None:
+        """Snapshot + metadata, then trim the journal. Failures are counted and retried by the timer."""
+        state = self.state
+        assert state is not None
+        if not force and state.version == state.checkpointed_version:
+            return
+        snapshot = state.snapshot()
+        record = state.record()
+        started = time.perf_counter()
+        try:
+            with trio.fail_after(self.config.storage_timeout_s):
+                await self.storage.snapshots.save_snapshot(snapshot)
+                await self.storage.sessions.update_session(record)
+                await self.storage.journal.trim(self.id, snapshot.version)
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            metrics.CHECKPOINT_FAILURES.inc()
+            self._log.warning("checkpoint failed", reason=reason, error=str(exc))
+            self._last_checkpoint_clock = trio.current_time()
+            if raise_errors:
+                raise
+            return
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+        state.checkpointed_version = snapshot.version
+        self.last_checkpoint_at = time.time()
+        self._last_checkpoint_clock = trio.current_time()
+
+    async def _end_storage(self) -> None:
+        assert self.state is not None
+        with trio.fail_after(self.config.storage_timeout_s):
+            await self.storage.sessions.update_session(self.state.record())
+            await self.storage.snapshots.delete_snapshots(self.id)
+            await self.storage.journal.delete(self.id)
+
+    # ---- failure paths ------------------------------------------------------------------------
+
+    def _fail_inflight(self, error: BaseException) -> None:
+        for reply in self._inflight:
+            reply.fail(error)
+        self._inflight.clear()
+
+    def _fail_pending_mail(self) -> None:
+        """Answer asks still in the mailbox so no caller waits for its timeout."""
+        while True:
+            try:
+                message = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            reply = getattr(message, "reply", None)
+            if isinstance(reply, Reply):
+                reply.fail(ActorUnavailable("the session stopped"))

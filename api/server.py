@@ -1,0 +1,151 @@
+"""The composition root: builds every part from Settings and runs them in one trio nursery.
+
+Only this module knows the concrete storage backends. Shutdown (SIGTERM/SIGINT or `stop()`):
+stop accepting WebSockets, checkpoint every actor and close its devices with 1001, stop REST, exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from actors.registry import Registry
+from actors.session_actor import ActorConfig
+from api.app import create_app
+from api.auth import Authenticator
+from api.settings import Settings
+from storage.ports import Storage
+from transport.server import WebSocketServer, WsConfig
+
+log = structlog.get_logger("sessiond.server")
+
+
+def actor_config(settings: Settings) -> ActorConfig:
+    return ActorConfig(
+        mailbox_size=settings.mailbox_size,
+        replay_window=settings.replay_window,
+        max_state_bytes=settings.max_state_bytes,
+        passivate_after_s=settings.passivate_after_s,
+        checkpoint_every_versions=settings.checkpoint_every_versions,
+        checkpoint_every_s=settings.checkpoint_every_s,
+        max_restarts=settings.max_restarts,
+        restart_window_s=settings.restart_window_s,
+    )
+
+
+def ws_config(settings: Settings) -> WsConfig:
+    return WsConfig(
+        host=settings.host,
+        port=settings.ws_port,
+        allowed_origins=settings.allowed_origins,
+        max_frame_bytes=settings.max_frame_bytes,
+        rate_per_s=settings.rate_per_s,
+        rate_burst=settings.rate_burst,
+        hello_timeout_s=settings.hello_timeout_s,
+        ping_interval_s=settings.ping_interval_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        send_queue_frames=settings.send_queue_frames,
+    )
+
+
+@asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
+    """The embedded SQLite default, or the production services when they are configured."""
+    if settings.redis_url or settings.database_url or settings.amqp_url:
+        from storage.production import open_production_storage
+
+        async with open_production_storage(settings) as storage:
+            yield storage
+    else:
+        from storage.sqlite import open_sqlite_storage
+
+        async with open_sqlite_storage(settings.data_dir) as storage:
+            yield storage
+
+
+@dataclass
+class RunningServer:
+    """What `serve` reports once it listens: the bound ports, and a way to stop it."""
+
+    http_port: int
+    ws_port: int
+    registry: Registry
+    storage: Storage
+    stop_event: trio.Event = field(default_factory=trio.Event)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class _SeenUsers:
+    """Records a JWT subject on first sight, remembering a bounded set to avoid a write per connect."""
+
+    def __init__(self, storage: Storage, limit: int = 100_000) -> None:
+        self._storage = storage
+        self._seen: dict[str, None] = {}
+        self._limit = limit
+
+    async def __call__(self, sub: str) -> None:
+        if sub in self._seen:
+            return
+        await self._storage.sessions.record_user(sub)
+        self._seen[sub] = None
+        if len(self._seen) > self._limit:
+            self._seen.pop(next(iter(self._seen)))
+
+
+async def serve(
+    settings: Settings,
+    authenticator: Authenticator,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    structlog.contextvars.bind_contextvars(pod=settings.pod_id)
+    async with open_storage(settings) as storage:
+        registry = Registry(storage, actor_config(settings))
+        ws = WebSocketServer(ws_config(settings), registry, authenticator, on_user=_SeenUsers(storage))
+        app = create_app(settings, registry, authenticator, storage)
+        hconfig = HypercornConfig()
+        hconfig.bind = [f"{settings.host}:{settings.http_port}"]
+        hconfig.graceful_timeout = 2
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.accesslog = None
+        http_stop = trio.Event()
+        async with trio.open_nursery() as root:
+            await root.start(registry.run)
+            ws_port = await root.start(ws.run)
+            binds = await root.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
+            http_port = int(binds[0].rsplit(":", 1)[1])
+            running = RunningServer(http_port, ws_port, registry, storage)
+            if handle_signals:
+                root.start_soon(_watch_signals, running.stop_event)
+            log.info("sessiond listening", http_port=http_port, ws_port=ws_port, data_dir=str(settings.data_dir))
+            task_status.started(running)
+            await running.stop_event.wait()
+            log.info("shutting down: checkpointing actors")
+            ws.stop_accepting()
+            await registry.shutdown(settings.shutdown_grace_s)
+            ws.close_all(1001, "server shutting down")
+            with trio.move_on_after(3):
+                await ws.wait_all_closed()
+            http_stop.set()
+            root.cancel_scope.cancel()
+    log.info("sessiond stopped")
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal received", signal=signal.Signals(signum).name)
+            stop.set()
+            return

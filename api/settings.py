@@ -1,0 +1,145 @@
+"""One typed, frozen settings object (DESIGN §9), built once from SESSIOND_* variables and CLI flags.
+
+No other module reads os.environ: the composition root builds Settings and passes it down.
+Secrets may come from a variable or from a file named by `<NAME>_FILE` (the Vault Agent pattern).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names it."""
+
+
+def _default_pod_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    ws_port: int = 8443
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM text (read from SESSIOND_JWT_PUBLIC_KEY_FILE)
+    jwt_algorithm: str | None = None  # HS256 with a secret; RS256/ES256 with a public key
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    data_dir: Path = Path("./.sessiond")
+    redis_url: str | None = None
+    database_url: str | None = None
+    amqp_url: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    max_frame_bytes: int = 65536
+    max_state_bytes: int = 1 << 20
+    max_token_bytes: int = 4096
+    pod_id: str = field(default_factory=_default_pod_id)
+    log_format: str | None = None  # "console" | "json"; None: console on a TTY, else json
+    log_level: str = "info"
+    # Timings and sizes that tests and benchmarks tune; the defaults are the contract of DESIGN §3/§5.
+    hello_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    idle_timeout_s: float = 60.0
+    send_queue_frames: int = 1024
+    mailbox_size: int = 4096
+    replay_window: int = 1000
+    passivate_after_s: float = 300.0
+    checkpoint_every_versions: int = 1000
+    checkpoint_every_s: float = 5.0
+    max_restarts: int = 10
+    restart_window_s: float = 60.0
+    shutdown_grace_s: float = 10.0
+
+
+_ENV_PREFIX = "SESSIOND_"
+# Names that differ from the field: env name (without prefix) -> field
+_ALIASES = {"MAX_FRAME": "max_frame_bytes", "JWT_ALGORITHM": "jwt_algorithm"}
+_SECRET_FILES = {"JWT_SECRET": "jwt_secret", "JWT_PUBLIC_KEY": "jwt_public_key"}
+
+
+def _convert(name: str, raw: str, current: Any) -> Any:
+    try:
+        if isinstance(current, bool):
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, Path):
+            return Path(raw)
+        if isinstance(current, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{_ENV_PREFIX}{name.upper()}: cannot read {raw!r}") from exc
+    return raw or None
+
+
+def _read_secret_file(var: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"{var}: cannot read {path}: {exc.strerror}") from exc
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `env` (default os.environ), then keyword overrides (CLI flags), validated."""
+    env = os.environ if env is None else env
+    base = Settings()
+    values: dict[str, Any] = {}
+    names = {f.name for f in fields(Settings)}
+    for key, raw in env.items():
+        if not key.startswith(_ENV_PREFIX):
+            continue
+        short = key[len(_ENV_PREFIX):]
+        if short.endswith("_FILE") and short[:-5] in _SECRET_FILES:
+            values[_SECRET_FILES[short[:-5]]] = _read_secret_file(key, raw)
+            continue
+        if short == "RATE_LIMIT":
+            values.update(_parse_rate(raw))
+            continue
+        name = _ALIASES.get(short, short.lower())
+        if name in names and name not in values:
+            values[name] = _convert(name, raw, getattr(base, name))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "rate_limit" in values:
+        values.update(_parse_rate(values.pop("rate_limit")))
+    unknown = set(values) - names
+    if unknown:
+        raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+    settings = replace(base, **values)
+    _validate(settings)
+    return settings
+
+
+def _parse_rate(raw: str) -> dict[str, Any]:
+    try:
+        rate, _, burst = raw.partition("/")
+        return {"rate_per_s": float(rate), "rate_burst": int(burst or float(rate) * 2)}
+    except ValueError as exc:
+        raise SettingsError(f"SESSIOND_RATE_LIMIT: expected RATE/BURST, got {raw!r}") from exc
+
+
+def _validate(s: Settings) -> None:
+    for name in ("http_port", "ws_port"):
+        port = getattr(s, name)
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"{name}: {port} is not a port")
+    if s.rate_per_s <= 0 or s.rate_burst < 1:
+        raise SettingsError("rate limit must be positive")
+    if s.max_frame_bytes < 1024:
+        raise SettingsError("max_frame_bytes must be at least 1024")
+    if s.log_format not in (None, "console", "json"):
+        raise SettingsError("log_format must be console or json")
+    if s.jwt_algorithm not in (None, "HS256", "RS256", "ES256"):
+        raise SettingsError("jwt_algorithm must be HS256, RS256 or ES256")
+    if s.jwt_algorithm == "HS256" and s.jwt_public_key and not s.jwt_secret:
+        raise SettingsError("HS256 needs SESSIOND_JWT_SECRET")

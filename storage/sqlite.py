@@ -1,0 +1,323 @@
+"""The embedded default store: session metadata, users and snapshots in one SQLite file.
+
+SQLite calls block, so every statement (and the orjson work around it) runs in a worker thread,
+one call at a time under a `CapacityLimiter(1)`: the trio thread never waits on the disk, and the
+single connection is never used by two threads at once. The journal stays in memory (storage/memory.py);
+only what the newest snapshot holds survives a process crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import trio
+
+from storage.memory import MemoryEventSink, MemoryJournal, decode_cursor, encode_cursor
+from storage.ports import SessionRecord, Snapshot, Storage, StorageUnavailable
+
+DB_FILE = "sessiond.db"
+BUSY_TIMEOUT_MS = 5_000
+
+T = TypeVar("T")
+
+# Ordered migrations: entry i takes the schema from version i to i + 1. Only ever append.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE users (subject TEXT PRIMARY KEY, first_seen REAL NOT NULL)",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            status TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            active TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX sessions_owner_created ON sessions (owner, created_at DESC, id DESC)",
+        """CREATE TABLE snapshots (
+            session_id TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            status TEXT NOT NULL,
+            active TEXT,
+            acked TEXT NOT NULL
+        )""",
+    ),
+)
+
+
+def _is_io_failure(exc: BaseException) -> bool:
+    """Locked, unreadable, full or corrupt database: the backend cannot serve (not a caller bug)."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to len(MIGRATIONS), one transaction per step (safe against a second opener)."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if current >= len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return
+            for statement in MIGRATIONS[current]:
+                conn.execute(statement)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating) the file in WAL mode and migrate it; runs in the worker thread."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # isolation_level=None: autocommit; multi-statement work opens its own transaction.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteDatabase:
+    """One connection, used by one worker thread at a time; also the Health probe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._conn = _connect(self.path)
+
+        await self._run_raw(connect)
+
+    async def close(self) -> None:
+        """Close once every queued call has run (shielded: closing must happen even when cancelled)."""
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` in the worker thread; I/O failures become StorageUnavailable."""
+
+        def call() -> T:
+            if self._conn is None:
+                raise StorageUnavailable(f"SQLite store {self.path} is closed")
+            return fn(self._conn)
+
+        return await self._run_raw(call)
+
+    async def _run_raw(self, fn: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(exc, OSError) or _is_io_failure(exc):
+                raise StorageUnavailable(f"SQLite store {self.path}: {exc}") from exc
+            raise
+
+    async def ping(self) -> None:
+        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+_SESSION_COLUMNS = "id, owner, name, metadata, status, version, active, created_at, updated_at"
+
+
+def _session_row(record: SessionRecord) -> tuple[Any, ...]:
+    return (
+        record.id,
+        record.owner,
+        record.name,
+        _dumps(record.metadata),
+        record.status,
+        record.version,
+        record.active,
+        record.created_at,
+        record.updated_at,
+    )
+
+
+def _session_from_row(row: Sequence[Any]) -> SessionRecord:
+    return SessionRecord(
+        id=row[0],
+        owner=row[1],
+        name=row[2],
+        metadata=orjson.loads(row[3]),
+        status=row[4],
+        version=row[5],
+        active=row[6],
+        created_at=row[7],
+        updated_at=row[8],
+    )
+
+
+def _create_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
+    try:
+        conn.execute(
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", _session_row(record)
+        )
+    except sqlite3.IntegrityError as exc:
+        raise ValueError(f"session {record.id} exists") from exc
+
+
+def _update_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
+    row = _session_row(record)
+    conn.execute(
+        "UPDATE sessions SET owner=?, name=?, metadata=?, status=?, version=?, active=?, created_at=?,"
+        " updated_at=? WHERE id=?",
+        (*row[1:], row[0]),
+    )
+
+
+def _get_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
+    row = conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id=?", (session_id,)).fetchone()
+    return None if row is None else _session_from_row(row)
+
+
+def _list_sessions(
+    conn: sqlite3.Connection, owner: str, limit: int, after: tuple[float, str] | None
+) -> tuple[list[SessionRecord], str | None]:
+    if after is None:
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner=?"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, limit + 1),
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner=? AND (created_at, id) < (?, ?)"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, after[0], after[1], limit + 1),
+        ).fetchall()
+    page = [_session_from_row(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
+
+
+class SqliteSessionStore:
+    """SessionStore on the `sessions` and `users` tables."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def create_session(self, record: SessionRecord) -> None:
+        await self._db.run(functools.partial(_create_session, record=record))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        return await self._db.run(functools.partial(_get_session, session_id=session_id))
+
+    async def list_sessions(
+        self, owner: str, limit: int, cursor: str | None
+    ) -> tuple[list[SessionRecord], str | None]:
+        after = None if cursor is None else decode_cursor(cursor)  # ValueError before any I/O
+        return await self._db.run(
+            functools.partial(_list_sessions, owner=owner, limit=max(limit, 0), after=after)
+        )
+
+    async def update_session(self, record: SessionRecord) -> None:
+        await self._db.run(functools.partial(_update_session, record=record))
+
+    async def record_user(self, subject: str) -> None:
+        first_seen = time.time()
+        await self._db.run(
+            lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO users (subject, first_seen) VALUES (?, ?)", (subject, first_seen)
+            )
+        )
+
+
+def _save_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
+    # Serialised here, in the worker thread: a 1 MiB state costs the trio thread nothing.
+    conn.execute(
+        "INSERT INTO snapshots (session_id, version, state, status, active, acked) VALUES (?,?,?,?,?,?)"
+        " ON CONFLICT (session_id) DO UPDATE SET version=excluded.version, state=excluded.state,"
+        " status=excluded.status, active=excluded.active, acked=excluded.acked"
+        " WHERE excluded.version >= snapshots.version",
+        (
+            snapshot.session_id,
+            snapshot.version,
+            _dumps(snapshot.state),
+            snapshot.status,
+            snapshot.active,
+            _dumps(snapshot.acked),
+        ),
+    )
+
+
+def _load_snapshot(conn: sqlite3.Connection, session_id: str) -> Snapshot | None:
+    row = conn.execute(
+        "SELECT version, state, status, active, acked FROM snapshots WHERE session_id=?", (session_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    return Snapshot(
+        session_id=session_id,
+        version=row[0],
+        state=orjson.loads(row[1]),
+        status=row[2],
+        active=row[3],
+        acked=orjson.loads(row[4]),
+    )
+
+
+class SqliteSnapshotStore:
+    """SnapshotStore keeping only the newest snapshot per session."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self._db.run(functools.partial(_save_snapshot, snapshot=snapshot))
+
+    async def load_snapshot(self, session_id: str) -> Snapshot | None:
+        return await self._db.run(functools.partial(_load_snapshot, session_id=session_id))
+
+    async def delete_snapshots(self, session_id: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute("DELETE FROM snapshots WHERE session_id=?", (session_id,))
+        )
+
+
+@asynccontextmanager
+async def open_sqlite_storage(data_dir: Path) -> AsyncIterator[Storage]:
+    """The embedded Storage in `data_dir/sessiond.db` (directory made 0700); closes the file on exit."""
+    db = SqliteDatabase(Path(data_dir) / DB_FILE)
+    await db.open()
+    try:
+        yield Storage(
+            sessions=SqliteSessionStore(db),
+            snapshots=SqliteSnapshotStore(db),
+            journal=MemoryJournal(),
+            events=MemoryEventSink(),
+            health=(db,),
+        )
+    finally:
+        await db.close()

@@ -1,0 +1,380 @@
+"""The trio-websocket shell around the sans-I/O codec: handshake, hello, auth, and frame pumping.
+
+Every connection runs in its own nursery under `handle`, which never lets an exception escape:
+one failing handler would otherwise tear down `serve_websocket` and every other device (TRAPS).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from actors.messages import (
+    ActorUnavailable,
+    Attach,
+    ChangeRequest,
+    ClaimRequest,
+    Detach,
+    Message,
+    Overloaded,
+    PauseRequest,
+)
+from actors.registry import Registry, SessionNotFound
+from actors.session_actor import SessionActor
+from transport import codec, metrics
+from transport.connection import Connection
+from transport.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
+from transport.ratelimit import TokenBucket
+
+log = structlog.get_logger("sessiond.ws")
+
+WS_PATH = "/v1/ws"
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_NOT_FOUND = 4004
+CLOSE_PROTOCOL = 1002
+CLOSE_TRY_LATER = 1013
+
+
+class VerifiedToken(Protocol):
+    @property
+    def sub(self) -> str: ...
+
+    @property
+    def exp(self) -> float: ...
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str) -> VerifiedToken:
+        """Raises on any bad token; the exception's `message` (or str) is shown to the client."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class WsConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    allowed_origins: tuple[str, ...] = ()
+    max_frame_bytes: int = 65536
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    hello_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    idle_timeout_s: float = 60.0
+    send_queue_frames: int = 1024
+
+
+class WebSocketServer:
+    def __init__(
+        self,
+        config: WsConfig,
+        registry: Registry,
+        verifier: TokenVerifier,
+        on_user: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.verifier = verifier
+        self.on_user = on_user
+        self.connections: set[Connection] = set()
+        self.port: int | None = None
+        self._listener_scope = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `stop_accepting()`; then wait for the open connections to end."""
+        async with trio.open_nursery() as handlers:
+
+            async def listen(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                with self._listener_scope:
+                    await serve_websocket(
+                        self.handle,
+                        self.config.host,
+                        self.config.port,
+                        None,
+                        handler_nursery=handlers,
+                        # Frames over max_frame_bytes get a `too_large` error and the connection stays; only
+                        # far larger ones are cut by the library (1009) before we buffer them.
+                        max_message_size=self.config.max_frame_bytes * 4,
+                        connect_timeout=self.config.hello_timeout_s,
+                        disconnect_timeout=5,
+                        task_status=task_status,
+                    )
+
+            server = await handlers.start(listen)
+            self.port = server.port
+            task_status.started(server.port)
+
+    def stop_accepting(self) -> None:
+        self._listener_scope.cancel()
+
+    def close_all(self, code: int, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(code, reason)
+
+    async def wait_all_closed(self) -> None:
+        while self.connections:
+            await next(iter(self.connections)).closed.wait()
+            self.connections = {c for c in self.connections if not c.closed.is_set()}
+
+    # ---- one connection -----------------------------------------------------------------------
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        try:
+            await self._handle(request)
+        except Exception as exc:  # never let one device take the server down
+            log.error("websocket handler failed", exc_info=exc)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
+        if request.path.split("?", 1)[0] != WS_PATH:
+            metrics.CONNECTS.labels("not_found").inc()
+            await request.reject(404, body=b"unknown path; use /v1/ws\n")
+            return
+        origin = headers.get("origin")
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            metrics.CONNECTS.labels("origin_refused").inc()
+            log.warning("websocket origin refused", origin=origin[:200])
+            await request.reject(403, body=b"origin not allowed\n")
+            return
+        offered = request.proposed_subprotocols
+        subprotocol = codec.choose_subprotocol(offered)
+        if subprotocol is None:
+            metrics.CONNECTS.labels("bad_subprotocol").inc()
+            await request.reject(400, body=b"supported subprotocols: sessiond.v1.json, sessiond.v1.msgpack\n")
+            return
+        header_token = None
+        authorization = headers.get("authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            header_token = authorization[7:].strip()
+        ws = await request.accept(subprotocol=subprotocol if offered else None)
+        await self._session(ws, subprotocol, header_token)
+
+    async def _session(self, ws: WebSocketConnection, subprotocol: str, header_token: str | None) -> None:
+        hello = await self._read_hello(ws, subprotocol)
+        if hello is None:
+            return
+        token = hello.token or header_token
+        if not token:
+            await self._refuse(ws, subprotocol, "unauthorized", "a token is required", CLOSE_UNAUTHORIZED)
+            return
+        try:
+            claims = self.verifier.verify(token)
+        except Exception as exc:
+            await self._refuse(ws, subprotocol, "unauthorized", _message(exc), CLOSE_UNAUTHORIZED)
+            return
+        try:
+            actor = await self.registry.get(hello.session)
+        except SessionNotFound:
+            await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
+            return
+        except Exception as exc:
+            log.warning("session activation failed", session=hello.session, error=str(exc))
+            await self._refuse(ws, subprotocol, "internal", "session unavailable, retry later", CLOSE_TRY_LATER)
+            return
+        state = actor.state
+        if state is None or state.owner != claims.sub:
+            await self._refuse(ws, subprotocol, "forbidden", "not your session", CLOSE_FORBIDDEN)
+            return
+        structlog.contextvars.bind_contextvars(session=hello.session, device=hello.device)
+        if self.on_user is not None:
+            await self.on_user(claims.sub)
+        conn = Connection(ws, hello.device, subprotocol, self.config.send_queue_frames)
+        try:
+            actor.tell(Attach(conn, hello.kind, hello.resume))
+        except (Overloaded, ActorUnavailable) as exc:
+            await self._refuse(ws, subprotocol, "rate_limited", str(exc), CLOSE_TRY_LATER)
+            return
+        metrics.CONNECTS.labels("ok").inc()
+        metrics.CONNECTIONS.inc()
+        self.connections.add(conn)
+        try:
+            await self._pump(ws, conn, actor, claims)
+        finally:
+            self.connections.discard(conn)
+            metrics.CONNECTIONS.dec()
+            await _send_detach(actor, Detach(conn))
+
+    async def _read_hello(self, ws: WebSocketConnection, subprotocol: str) -> Hello | None:
+        data: str | bytes | None = None
+        with trio.move_on_after(self.config.hello_timeout_s):
+            try:
+                data = await ws.get_message()
+            except ConnectionClosed:
+                return None
+        if data is None:
+            await self._refuse(ws, subprotocol, "unauthorized", "no hello within the time limit", CLOSE_UNAUTHORIZED)
+            return None
+        if len(data) > self.config.max_frame_bytes:
+            await self._refuse(ws, subprotocol, "too_large", "hello frame too large", 1009)
+            return None
+        try:
+            frame = codec.decode(data, subprotocol)
+        except ProtocolError as exc:
+            await self._refuse(ws, subprotocol, exc.code, exc.message, CLOSE_PROTOCOL)
+            return None
+        if not isinstance(frame, Hello):
+            await self._refuse(ws, subprotocol, "bad_frame", "the first frame must be hello", CLOSE_PROTOCOL)
+            return None
+        return frame
+
+    async def _refuse(self, ws: WebSocketConnection, subprotocol: str, code: str, message: str, close: int) -> None:
+        """Tell the device why, then close: a clear error for every refused connection."""
+        metrics.CONNECTS.labels(code).inc()
+        metrics.CLOSES.labels(str(close)).inc()
+        with trio.move_on_after(2):
+            try:
+                await ws.send_message(codec.error_frame(code, message).for_subprotocol(subprotocol))
+                await ws.aclose(close, message[:120])
+            except ConnectionClosed:
+                pass
+
+    async def _pump(
+        self, ws: WebSocketConnection, conn: Connection, actor: SessionActor, claims: VerifiedToken
+    ) -> None:
+        with conn.cancel_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.run_writer)
+                watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
+                nursery.start_soon(watch.keepalive)
+                nursery.start_soon(watch.expiry)
+                await self._read_loop(ws, conn, actor, watch)
+                # The reader returns when the peer closed: stop the writer and watchers.
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: SessionActor, watch: _Watch) -> None:
+        cfg = self.config
+        bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
+        while True:
+            try:
+                data = await ws.get_message()
+            except ConnectionClosed:
+                return
+            now = trio.current_time()
+            watch.last_seen = now
+            metrics.FRAMES_IN.inc()
+            if len(data) > cfg.max_frame_bytes or (
+                isinstance(data, str) and len(data) * 4 > cfg.max_frame_bytes and _utf8_len(data) > cfg.max_frame_bytes
+            ):
+                self._error(conn, "too_large", f"frame larger than {cfg.max_frame_bytes} bytes")
+                continue
+            try:
+                frame = codec.decode(data, conn.subprotocol)
+            except ProtocolError as exc:
+                self._error(conn, exc.code, exc.message, exc.id)
+                continue
+            op_id = getattr(frame, "id", None)
+            if not bucket.allow(now):
+                self._error(conn, "rate_limited", f"more than {cfg.rate_per_s:g} frames/s", op_id)
+                continue
+            message: Message
+            if isinstance(frame, Op):
+                message = ChangeRequest(conn, frame.id, frame.ops, frame.base)
+            elif isinstance(frame, Pause):
+                message = PauseRequest(conn, frame.id)
+            elif isinstance(frame, Claim):
+                message = ClaimRequest(conn, frame.id)
+            elif isinstance(frame, Auth):
+                self._refresh(conn, watch, frame.token)
+                continue
+            else:
+                self._error(conn, "bad_frame", "already joined: hello only once per connection")
+                continue
+            try:
+                actor.tell(message)
+            except Overloaded:
+                self._error(conn, "rate_limited", "session busy, retry shortly", op_id)
+            except ActorUnavailable:
+                self._error(conn, "internal", "session unavailable, reconnect", op_id)
+                conn.close(CLOSE_TRY_LATER, "session unavailable")
+
+    def _refresh(self, conn: Connection, watch: _Watch, token: str) -> None:
+        """In-band token refresh: same subject, new expiry (DESIGN §3 `auth`)."""
+        try:
+            claims = self.verifier.verify(token)
+        except Exception as exc:
+            self._error(conn, "unauthorized", _message(exc))
+            return
+        if claims.sub != watch.sub:
+            self._error(conn, "forbidden", "a refreshed token must name the same user")
+            return
+        watch.extend(claims.exp)
+        conn.send_nowait(codec.Encoded({"t": "authed", "exp": claims.exp}))
+
+    def _error(self, conn: Connection, code: str, message: str, op_id: int | None = None) -> None:
+        metrics.ERRORS.labels(code).inc()
+        conn.send_nowait(codec.error_frame(code, message, id=op_id))
+
+
+class _Watch:
+    """Keepalive pings, the idle cut-off and token expiry of one connection."""
+
+    def __init__(self, ws: WebSocketConnection, conn: Connection, config: WsConfig, exp: float, sub: str) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.config = config
+        self.sub = sub
+        self.last_seen = trio.current_time()
+        self._exp = exp
+        self._exp_changed = trio.Event()
+
+    def extend(self, exp: float) -> None:
+        self._exp = exp
+        self._exp_changed.set()
+
+    async def keepalive(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.config.ping_interval_s)
+                if trio.current_time() - self.last_seen >= self.config.idle_timeout_s:
+                    metrics.CLOSES.labels("1001").inc()
+                    self.conn.close(1001, "idle timeout")
+                    return
+                nursery.start_soon(self._ping)
+
+    async def _ping(self) -> None:
+        try:
+            await self.ws.ping()
+            self.last_seen = trio.current_time()
+        except (ConnectionClosed, ValueError):
+            pass
+
+    async def expiry(self) -> None:
+        while True:
+            remaining = self._exp - time.time()
+            if remaining <= 0:
+                metrics.CLOSES.labels("4001").inc()
+                self.conn.send_nowait(codec.error_frame("unauthorized", "token expired"))
+                self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
+                return
+            with trio.move_on_after(remaining):
+                await self._exp_changed.wait()
+                self._exp_changed = trio.Event()
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _message(exc: Exception) -> str:
+    return str(getattr(exc, "message", None) or exc or "invalid token")[:200]
+
+
+async def _send_detach(actor: SessionActor, message: Detach) -> None:
+    """Detach must reach the actor even when its mailbox is full, or it would count a ghost device."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        while not actor.stopped.is_set():
+            try:
+                actor.tell(message)
+                return
+            except Overloaded:
+                await trio.sleep(0.01)
+            except ActorUnavailable:
+                return
