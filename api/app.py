@@ -227,6 +227,10 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
     async def too_large(exc: Exception) -> Response:
         return await api_error(ApiError("too_large", "request body too large"))
 
+    @app.errorhandler(400)
+    async def bad_request(exc: Exception) -> Response:
+        return await api_error(ApiError("bad_frame", "malformed request (expected a JSON body)"))
+
     @app.errorhandler(404)
     async def no_route(exc: Exception) -> Response:
         return await api_error(ApiError("not_found", "no such route"))

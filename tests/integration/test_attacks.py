@@ -1,0 +1,177 @@
+"""Like an attacker: every refusal is a clear error, and other sessions are unharmed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from tests.integration.harness import SECRET, Harness, raw_device, start_server
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+BAD_TOKENS = {
+    "bad signature": jwt.encode({"sub": "alice", "exp": time.time() + 60}, "x" * 32, algorithm="HS256"),
+    "alg none": _b64(b'{"alg":"none","typ":"JWT"}') + "." + _b64(b'{"sub":"alice","exp":9999999999}') + ".",
+    "expired": jwt.encode({"sub": "alice", "exp": time.time() - 10}, SECRET, algorithm="HS256"),
+    "no exp": jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),
+    "garbage": "not-a-token",
+    "huge": "a" * 5000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TOKENS))
+async def test_bad_tokens_refused_on_websocket(server: Harness, name: str) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, token=BAD_TOKENS[name], expect_welcome=False) as d:
+        err = await d.recv_type("error")
+        assert err["code"] == "unauthorized"
+        assert await d.closed_code() == 4001
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TOKENS))
+async def test_bad_tokens_refused_on_rest(server: Harness, name: str) -> None:
+    async with server.rest(None) as http:
+        r = await http.get("/v1/sessions", headers={"Authorization": f"Bearer {BAD_TOKENS[name]}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert (await http.get("/v1/sessions")).status_code == 401
+
+
+async def test_another_users_session_and_unknown_session(server: Harness) -> None:
+    sid = await server.create_session("alice")
+    async with raw_device(server, sid, user="mallory", expect_welcome=False) as d:
+        assert (await d.recv_type("error"))["code"] == "forbidden"
+        assert await d.closed_code() == 4003
+    async with raw_device(server, "no-such-session", expect_welcome=False) as d:
+        assert (await d.recv_type("error"))["code"] == "not_found"
+        assert await d.closed_code() == 4004
+    async with server.rest("mallory") as http:
+        assert (await http.get(f"/v1/sessions/{sid}")).status_code == 403
+        r = await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": "/x", "value": 1}]})
+        assert r.status_code == 403
+        assert (await http.delete(f"/v1/sessions/{sid}")).status_code == 403
+        assert (await http.get("/v1/sessions")).json()["sessions"] == []
+        assert (await http.get("/v1/sessions/unknown")).status_code == 404
+
+
+async def test_bad_and_oversized_frames(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid) as d:
+        for bad in ["{", "[]", '{"t":"op"}', '{"t":"op","id":1,"ops":[]}', '{"t":"nope"}', '{"t":"hello"}']:
+            await d.send(bad)
+            assert (await d.recv_type("error"))["code"] == "bad_frame", bad
+        await d.send('{"t":"op","id":5,"ops":[{"op":"set","path":"/x","value":"' + "x" * 70_000 + '"}]}')
+        assert (await d.recv_type("error"))["code"] == "too_large"
+        await d.send({"t": "op", "id": 6, "ops": [{"op": "set", "path": "/ok", "value": True}]})
+        assert (await d.recv_type("ack"))["version"] == 1  # still connected, still served
+
+
+async def test_first_frame_must_be_hello(server: Harness) -> None:
+    async with raw_device(server, None, hello={}) as d:
+        await d.send({"t": "op", "id": 1, "ops": [{"op": "del", "path": "/x"}]})
+        assert (await d.recv_type("error"))["code"] == "bad_frame"
+        assert await d.closed_code() == 1002
+
+
+async def test_origin_refused(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, allowed_origins=("https://app.example",))
+    sid = await h.create_session()
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(h.ws_url, extra_headers=[("Origin", "https://evil.example")]):
+            pass
+    assert info.value.status_code == 403
+    async with raw_device(h, sid, extra_headers=[("Origin", "https://app.example")]) as d:
+        assert d.welcome is not None
+    h.running.stop()
+
+
+async def test_flood_is_rate_limited_and_others_unharmed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, rate_limit="20/20")
+    flooded, calm = await h.create_session(), await h.create_session()
+    async with raw_device(h, flooded, "f") as f, raw_device(h, calm, "c1") as c1, raw_device(h, calm, "c2") as c2:
+        for i in range(200):
+            await f.send({"t": "op", "id": i + 1, "ops": [{"op": "inc", "path": "/n"}]})
+        codes = []
+        for _ in range(200):
+            frame = await f.recv()
+            codes.append(frame.get("code") if frame["t"] == "error" else frame["t"])
+        assert codes.count("rate_limited") >= 150
+        assert codes.count("ack") <= 40
+        await c1.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/ok", "value": 1}]})
+        assert (await c1.recv_type("ack"))["version"] == 1
+        assert (await c2.recv_type("patch"))["version"] == 1
+    h.running.stop()
+
+
+async def test_silent_connection_is_closed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, hello_timeout_s=0.5)
+    async with open_websocket_url(h.ws_url) as ws:  # never says hello
+        with trio.fail_after(5):
+            from trio_websocket import ConnectionClosed
+
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await ws.get_message()
+        assert info.value.reason.code == 4001
+    h.running.stop()
+
+
+async def test_expired_token_closes_connection(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, token=server.token(ttl_s=1)) as d:
+        assert await d.closed_code(timeout=5) == 4001
+
+
+async def test_token_refresh_in_band(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, token=server.token(ttl_s=2)) as d:
+        await d.send({"t": "auth", "token": server.token(ttl_s=3600)})
+        authed = await d.recv_type("authed")
+        assert authed["exp"] > time.time() + 3000
+        await d.send({"t": "auth", "token": server.token("mallory")})
+        assert (await d.recv_type("error"))["code"] == "forbidden"
+        await trio.sleep(2.5)
+        await d.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/still", "value": "here"}]})
+        assert (await d.recv_type("ack"))["version"] == 1
+
+
+async def test_idle_connection_without_pongs_is_closed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A peer that completed hello but never answers pings is cut after idle_timeout_s."""
+    import orjson
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+    h = await start_server(nursery, tmp_path, ping_interval_s=0.2, idle_timeout_s=0.6)
+    sid = await h.create_session()
+    stream = await trio.open_tcp_stream("127.0.0.1", h.running.ws_port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+    events: list[object] = []
+    with trio.fail_after(5):
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            ws.receive_data(await stream.receive_some())
+            events.extend(ws.events())
+        hello = {"t": "hello", "token": h.token(), "session": sid, "device": "mute"}
+        await stream.send_all(ws.send(TextMessage(orjson.dumps(hello).decode())))
+        await trio.sleep(1.5)  # read nothing: no pongs go back
+        closed = None
+        while closed is None:
+            data = await stream.receive_some()
+            if not data:
+                break
+            ws.receive_data(data)  # wsproto answers nothing by itself: we never send its pongs
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    closed = event.code
+    assert closed == 1001
+    await stream.aclose()
+    h.running.stop()

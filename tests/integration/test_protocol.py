@@ -1,0 +1,121 @@
+"""Wire-protocol behaviour end to end: retransmits, resume, handoff, REST reaching devices, delete."""
+
+from __future__ import annotations
+
+import msgpack
+import trio
+from trio_websocket import open_websocket_url
+
+from tests.integration.harness import Harness, raw_device
+
+
+async def test_retransmit_is_idempotent(server: Harness) -> None:
+    sid = await server.create_session(state={"n": 0})
+    async with raw_device(server, sid, "a") as a, raw_device(server, sid, "b") as b:
+        op = {"t": "op", "id": 7, "ops": [{"op": "inc", "path": "/n"}]}
+        await a.send(op)
+        assert (await a.recv_type("ack"))["version"] == 1
+        await a.send(op)  # same id again: the original ack, not a second change
+        assert await a.recv_type("ack") == {"t": "ack", "id": 7, "version": 1}
+        await a.send({"t": "op", "id": 8, "ops": [{"op": "inc", "path": "/n"}]})
+        assert (await a.recv_type("ack"))["version"] == 2
+        patches = [await b.recv_type("patch"), await b.recv_type("patch")]
+        assert [p["version"] for p in patches] == [1, 2]
+    async with server.rest() as http:
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 2}
+
+
+async def test_resume_replays_missed_patches(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, "a") as a:
+        for i in range(5):
+            await a.send({"t": "op", "id": i + 1, "ops": [{"op": "set", "path": f"/x{i}", "value": i}]})
+            await a.recv_type("ack")
+    hello = {"t": "hello", "token": server.token(), "session": sid, "device": "b", "resume": {"version": 2}}
+    async with raw_device(server, sid, "b", hello=hello) as b:
+        assert b.welcome is not None
+        assert b.welcome["mode"] == "replay"
+        assert [p["version"] for p in b.welcome["patches"]] == [3, 4, 5]
+    hello["resume"] = {"version": 5}
+    async with raw_device(server, sid, "b", hello=hello) as b:
+        assert b.welcome == {**b.welcome, "mode": "replay", "patches": [], "version": 5}
+
+
+async def test_base_conflict_and_invalid_op(server: Harness) -> None:
+    sid = await server.create_session(state={"s": "text"})
+    async with raw_device(server, sid, "a") as a:
+        await a.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/v", "value": 1}], "base": 0})
+        assert (await a.recv_type("ack"))["version"] == 1
+        await a.send({"t": "op", "id": 2, "ops": [{"op": "set", "path": "/v", "value": 2}], "base": 0})
+        err = await a.recv_type("error")
+        assert err["code"] == "conflict" and err["id"] == 2 and err["version"] == 1
+        ops = [{"op": "set", "path": "/w", "value": 1}, {"op": "inc", "path": "/s"}]
+        await a.send({"t": "op", "id": 3, "ops": ops})
+        err = await a.recv_type("error")
+        assert err["code"] == "invalid_op" and err["id"] == 3
+    async with server.rest() as http:
+        body = (await http.get(f"/v1/sessions/{sid}")).json()
+        assert body["state"] == {"s": "text", "v": 1} and body["version"] == 1
+
+
+async def test_handoff_pause_and_claim(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, "phone") as phone, raw_device(server, sid, "laptop") as laptop:
+        await phone.send({"t": "claim", "id": 1})
+        assert (await phone.recv_type("ack"))["id"] == 1
+        assert (await laptop.recv_type("handoff"))["active"] == "phone"
+        await laptop.send({"t": "pause", "id": 1})  # not the active device
+        assert (await laptop.recv_type("error"))["code"] == "conflict"
+        await phone.send({"t": "pause", "id": 2})
+        assert (await phone.recv_type("ack"))["id"] == 2
+        assert (await laptop.recv_type("handoff"))["active"] is None
+        await laptop.send({"t": "claim", "id": 2})
+        assert (await laptop.recv_type("ack"))["id"] == 2
+        assert (await phone.recv_type("handoff"))["active"] == "laptop"
+    async with server.rest() as http:
+        body = (await http.get(f"/v1/sessions/{sid}")).json()
+        assert body["active"] == "laptop" and body["status"] == "active"
+        r = await http.post(f"/v1/sessions/{sid}/handoff", json={"device": "phone"})
+        assert r.json() == {"active": "phone", "version": 0}
+
+
+async def test_rest_patch_reaches_devices_and_delete_ends_them(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, "a") as a, server.rest() as http:
+        r = await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": "/t", "value": "hi"}]})
+        assert r.status_code == 200 and r.json() == {"version": 1}
+        patch = await a.recv_type("patch")
+        assert patch["ops"][0]["value"] == "hi" and patch["version"] == 1
+        r = await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": "/t", "value": 1}], "base": 0})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+        r = await http.delete(f"/v1/sessions/{sid}")
+        assert r.status_code == 204
+        assert (await a.recv_type("ended")) == {"t": "ended"}
+        assert await a.closed_code() == 4010
+        r = await http.get(f"/v1/sessions/{sid}")
+        assert r.json()["status"] == "ended"
+        assert (await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "del", "path": "/t"}]})).status_code == 404
+    async with raw_device(server, sid, "a", expect_welcome=False) as again:
+        assert (await again.recv_type("error"))["code"] == "not_found"
+        assert await again.closed_code() == 4004
+
+
+async def test_msgpack_subprotocol(server: Harness) -> None:
+    sid = await server.create_session(state={"a": 1})
+    async with open_websocket_url(server.ws_url, subprotocols=["sessiond.v1.msgpack"]) as ws:
+        assert ws.subprotocol == "sessiond.v1.msgpack"
+        await ws.send_message(msgpack.packb({"t": "hello", "token": server.token(), "session": sid, "device": "m"}))
+        welcome = msgpack.unpackb(await ws.get_message())
+        assert welcome["t"] == "welcome" and welcome["state"] == {"a": 1}
+        await ws.send_message(msgpack.packb({"t": "op", "id": 1, "ops": [{"op": "inc", "path": "/a", "by": 1.5}]}))
+        with trio.fail_after(5):
+            ack = msgpack.unpackb(await ws.get_message())
+        assert ack == {"t": "ack", "id": 1, "version": 1}
+
+
+async def test_token_in_authorization_header(server: Harness) -> None:
+    sid = await server.create_session()
+    hello = {"t": "hello", "session": sid, "device": "h"}
+    headers = [("Authorization", f"Bearer {server.token()}")]
+    async with raw_device(server, sid, hello=hello, extra_headers=headers) as d:
+        assert d.welcome is not None and d.welcome["version"] == 0
