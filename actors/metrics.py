@@ -31,7 +31,8 @@ JOURNAL_SECONDS = Histogram(
 )
 CHECKPOINT_SECONDS = Histogram(
     "sessiond_checkpoint_seconds",
-    "Time to write one snapshot checkpoint",
+    "Time to write one snapshot checkpoint, by tier (fast: Redis, durable: PostgreSQL / SQLite)",
+    ["tier"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
 CHECKPOINT_FAILURES = Counter("sessiond_checkpoint_failures_total", "Checkpoints that failed (retried later)")

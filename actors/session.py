@@ -336,7 +336,7 @@ class SessionState:
                 device, op_id, Rejected("conflict", f"only the active device ({self.active}) may pause")
             )
         self.status = "paused"
-        self._set_active(None, now)
+        self._set_active(None, now, checkpoint="pause")
         self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         return Accepted(self.version, None)
 
@@ -350,11 +350,11 @@ class SessionState:
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         return Accepted(self.version, device)
 
-    def _set_active(self, device: str | None, now: float) -> None:
+    def _set_active(self, device: str | None, now: float, checkpoint: str = "handoff") -> None:
         previous = self.active
         self.active = device
         self.updated_at = now
-        self.effects.append(Checkpoint("handoff", sync=True))
+        self.effects.append(Checkpoint(checkpoint, sync=True))
         self.effects.append(Broadcast({"t": "handoff", "active": device, "version": self.version}))
         self.effects.append(Publish("session.handoff", {"from": previous, "to": device, "version": self.version}))
 

@@ -53,7 +53,7 @@ from actors.session import (
     Stop,
 )
 from actors.supervisor import Directive, RestartBudget
-from storage.ports import Storage, StorageUnavailable
+from storage.ports import Storage, StorageUnavailable, save_durable
 
 TURN_MAX = 256
 STORAGE_RETRY_MAX_S = 10.0
@@ -67,6 +67,10 @@ class SessionNotFound(LookupError):
     """No such session, or it has ended."""
 
 
+class _Unpersisted(Exception):
+    """A turn's changes could not be stored: they were refused, and the actor reloads the stored state."""
+
+
 @dataclass(frozen=True, slots=True)
 class ActorConfig:
     """The actor-side slice of the settings (actors do not import api.settings)."""
@@ -75,8 +79,9 @@ class ActorConfig:
     replay_window: int = 1000
     max_state_bytes: int = 1 << 20
     passivate_after_s: float = 300.0
-    checkpoint_every_versions: int = 1000
-    checkpoint_every_s: float = 5.0
+    checkpoint_every_versions: int = 1000  # durable checkpoint (PostgreSQL / SQLite) every M versions ...
+    checkpoint_every_s: float = 5.0  # ... or T seconds when changed
+    fast_snapshot_every_versions: int | None = None  # tiered stores (Redis): a fast snapshot every N versions
     max_restarts: int = 10
     restart_window_s: float = 60.0
     storage_timeout_s: float = 5.0
@@ -106,17 +111,21 @@ class SessionActor:
         self.state: SessionState | None = None
         self.stopped = trio.Event()
         self.failed = False
+        self.degraded = False  # storage is down: reloading; device requests are refused with `unavailable`
         self.handled = 0
         self.started_at = time.time()
         self.last_checkpoint_at: float | None = None
         self._last_activity = trio.current_time()
         self._last_checkpoint_clock = trio.current_time()
+        self._fast_version = 0
         self._inflight: list[Reply] = []
         self._log = log.bind(session=session_id)
 
     # ---- the outside's view ---------------------------------------------------------------------
 
     def tell(self, message: Message) -> None:
+        if self.degraded and not isinstance(message, Detach | Shutdown):
+            raise ActorUnavailable("storage unavailable, retry shortly")
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
@@ -152,6 +161,7 @@ class SessionActor:
             while True:
                 try:
                     self.state = await self._load(wait_for_storage=started)
+                    self.degraded = False
                     if not started:
                         metrics.ACTIVATIONS.inc()
                         metrics.ACTORS_LIVE.inc()
@@ -161,6 +171,11 @@ class SessionActor:
                         self._resync_all()
                     await self._serve()
                     return
+                except _Unpersisted as exc:
+                    # Not a crash: storage is away. Reload what is stored once it is back; no restart budget spent.
+                    self.degraded = True
+                    self._log.warning("storage unavailable: changes refused, reloading", error=str(exc.__cause__))
+                    continue
                 except Exception as exc:
                     if not started:
                         raise
@@ -317,7 +332,11 @@ class SessionActor:
             elif isinstance(message, Crash):
                 raise RuntimeError("crash requested")
         effects = state.take_effects()
-        await self._persist(effects)
+        try:
+            await self._persist(effects)
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            self._refuse_unpersisted(batch)
+            raise _Unpersisted(str(exc)) from exc
         stop = self._dispatch(effects)
         if stop:
             await self._end_storage()
@@ -333,8 +352,7 @@ class SessionActor:
             return True
         if stop:
             return True
-        if state.version - state.checkpointed_version >= self.config.checkpoint_every_versions:
-            await self._checkpoint("versions")
+        await self._checkpoint_by_policy()
         return False
 
     def _attach(self, state: SessionState, message: Attach, wall: float) -> None:
@@ -362,8 +380,11 @@ class SessionActor:
                 await self.storage.journal.append(self.id, changes)
             metrics.JOURNAL_SECONDS.observe(time.perf_counter() - started)
             metrics.CHANGES.inc(len(changes))
-        if any(isinstance(e, Checkpoint) and e.sync for e in effects):
-            await self._checkpoint("handoff", force=True, raise_errors=True)
+        for effect in effects:
+            if isinstance(effect, Checkpoint) and effect.sync:
+                # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when it is the only one.
+                durable = effect.reason == "pause" or self.config.fast_snapshot_every_versions is None
+                await self._checkpoint(effect.reason, durable=durable, force=True, raise_errors=True)
 
     def _dispatch(self, effects: list[Effect]) -> bool:
         state = self.state
@@ -405,31 +426,53 @@ class SessionActor:
         owner = self.state.owner if self.state else None
         return {"type": kind, "session": self.id, "owner": owner, "at": now_iso(), **fields}
 
-    async def _checkpoint(self, reason: str, *, force: bool = False, raise_errors: bool = False) -> None:
-        """Snapshot + metadata, then trim the journal. Failures are counted and retried by the timer."""
+    async def _checkpoint(
+        self, reason: str, *, durable: bool = True, force: bool = False, raise_errors: bool = False
+    ) -> None:
+        """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers.
+
+        Failures are counted and retried by the timer; a handoff's snapshot raises instead, since its
+        frame must not go out before the snapshot is stored.
+        """
         state = self.state
         assert state is not None
-        if not force and state.version == state.checkpointed_version:
+        done = state.checkpointed_version if durable else self._fast_version
+        if not force and state.version == done:
             return
         snapshot = state.snapshot()
         record = state.record()
         started = time.perf_counter()
         try:
             with trio.fail_after(self.config.storage_timeout_s):
-                await self.storage.snapshots.save_snapshot(snapshot)
-                await self.storage.sessions.update_session(record)
+                if durable:
+                    await save_durable(self.storage.snapshots, snapshot)
+                    await self.storage.sessions.update_session(record)
+                else:
+                    await self.storage.snapshots.save_snapshot(snapshot)
                 await self.storage.journal.trim(self.id, snapshot.version)
         except (StorageUnavailable, trio.TooSlowError) as exc:
             metrics.CHECKPOINT_FAILURES.inc()
-            self._log.warning("checkpoint failed", reason=reason, error=str(exc))
+            self._log.warning("checkpoint failed", reason=reason, error=str(exc) or type(exc).__name__)
             self._last_checkpoint_clock = trio.current_time()
             if raise_errors:
                 raise
             return
-        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
-        state.checkpointed_version = snapshot.version
-        self.last_checkpoint_at = time.time()
-        self._last_checkpoint_clock = trio.current_time()
+        metrics.CHECKPOINT_SECONDS.labels("durable" if durable else "fast").observe(time.perf_counter() - started)
+        self._fast_version = max(self._fast_version, snapshot.version)
+        if durable:
+            state.checkpointed_version = snapshot.version
+            self.last_checkpoint_at = time.time()
+            self._last_checkpoint_clock = trio.current_time()
+
+    async def _checkpoint_by_policy(self) -> None:
+        """Fast snapshot every N versions (tiered stores), durable checkpoint every M versions."""
+        state = self.state
+        assert state is not None
+        if state.version - state.checkpointed_version >= self.config.checkpoint_every_versions:
+            await self._checkpoint("versions")
+        every = self.config.fast_snapshot_every_versions
+        if every is not None and state.version - self._fast_version >= every:
+            await self._checkpoint("versions", durable=False)
 
     async def _end_storage(self) -> None:
         assert self.state is not None
@@ -439,6 +482,17 @@ class SessionActor:
             await self.storage.journal.delete(self.id)
 
     # ---- failure paths ------------------------------------------------------------------------
+
+    def _refuse_unpersisted(self, batch: list[Message]) -> None:
+        """Acks wait for storage; when it does not answer in time, every request of the turn gets `unavailable`."""
+        metrics.REJECTED.labels("unavailable").inc(len(batch))
+        for message in batch:
+            if not isinstance(message, ChangeRequest | PauseRequest | ClaimRequest):
+                continue
+            if self.links.get(message.link.device) is message.link:
+                error = {"t": "error", "id": message.op_id, "code": "unavailable", "message": "storage unavailable"}
+                message.link.deliver(Outgoing(error))
+        self._fail_inflight(ActorUnavailable("storage unavailable, retry shortly"))
 
     def _fail_inflight(self, error: BaseException) -> None:
         for reply in self._inflight:

@@ -27,6 +27,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("redis-url", str, "Redis URL (journal, snapshots)"),
     ("database-url", str, "PostgreSQL URL"),
     ("amqp-url", str, "RabbitMQ URL (events)"),
+    ("durability", str, "when an op is acked: memory, redis (journal) or postgres (committed)"),
     ("allowed-origins", str, "comma-separated Origin allowlist"),
     ("rate-limit", str, "frames per second / burst per connection, e.g. 50/100"),
     ("max-frame", int, "largest accepted frame in bytes"),

@@ -37,6 +37,7 @@ def actor_config(settings: Settings) -> ActorConfig:
         passivate_after_s=settings.passivate_after_s,
         checkpoint_every_versions=settings.checkpoint_every_versions,
         checkpoint_every_s=settings.checkpoint_every_s,
+        fast_snapshot_every_versions=settings.snapshot_every_versions if settings.redis_url else None,
         max_restarts=settings.max_restarts,
         restart_window_s=settings.restart_window_s,
     )
@@ -63,7 +64,7 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     if settings.redis_url or settings.database_url or settings.amqp_url:
         from storage.production import open_production_storage
 
-        async with open_production_storage(settings) as storage:
+        async with open_production_storage(settings, key_prefix=settings.redis_prefix) as storage:
             yield storage
     else:
         from storage.sqlite import open_sqlite_storage

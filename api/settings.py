@@ -34,8 +34,10 @@ class Settings:
     jwt_issuer: str | None = None
     data_dir: Path = Path("./.sessiond")
     redis_url: str | None = None
+    redis_prefix: str = "sessiond:"  # every key this deployment writes starts with it
     database_url: str | None = None
     amqp_url: str | None = None
+    durability: str | None = None  # "memory" | "redis" | "postgres"; None: redis with Redis, else memory
     allowed_origins: tuple[str, ...] = ()
     rate_per_s: float = 50.0
     rate_burst: int = 100
@@ -53,8 +55,9 @@ class Settings:
     mailbox_size: int = 4096
     replay_window: int = 1000
     passivate_after_s: float = 300.0
-    checkpoint_every_versions: int = 1000
-    checkpoint_every_s: float = 5.0
+    snapshot_every_versions: int = 100  # fast snapshot to Redis (with a Redis journal)
+    checkpoint_every_versions: int = 1000  # durable checkpoint (PostgreSQL / SQLite) ...
+    checkpoint_every_s: float = 5.0  # ... or this often when changed
     max_restarts: int = 10
     restart_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
@@ -141,5 +144,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError("log_format must be console or json")
     if s.jwt_algorithm not in (None, "HS256", "RS256", "ES256"):
         raise SettingsError("jwt_algorithm must be HS256, RS256 or ES256")
+    if s.durability not in (None, "memory", "redis", "postgres"):
+        raise SettingsError("SESSIOND_DURABILITY must be memory, redis or postgres")
+    if s.durability == "redis" and not s.redis_url:
+        raise SettingsError("SESSIOND_DURABILITY=redis needs SESSIOND_REDIS_URL")
+    if s.durability == "postgres" and not s.database_url:
+        raise SettingsError("SESSIOND_DURABILITY=postgres needs SESSIOND_DATABASE_URL")
     if s.jwt_algorithm == "HS256" and s.jwt_public_key and not s.jwt_secret:
         raise SettingsError("HS256 needs SESSIOND_JWT_SECRET")

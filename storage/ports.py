@@ -87,6 +87,15 @@ class SnapshotStore(Protocol):
     async def delete_snapshots(self, session_id: str) -> None: ...
 
 
+async def save_durable(store: SnapshotStore, snapshot: Snapshot) -> None:
+    """Write to the durable tier of a tiered store (`save_durable`), or to a single-tier store itself."""
+    durable = getattr(store, "save_durable", None)
+    if durable is not None:
+        await durable(snapshot)
+    else:
+        await store.save_snapshot(snapshot)
+
+
 class Journal(Protocol):
     async def append(self, session_id: str, changes: Sequence[Change]) -> None:
         """Durably add changes in order (one round trip for the whole batch)."""

@@ -291,9 +291,10 @@ class WebSocketServer:
                 actor.tell(message)
             except Overloaded:
                 self._error(conn, "rate_limited", "session busy, retry shortly", op_id)
-            except ActorUnavailable:
-                self._error(conn, "internal", "session unavailable, reconnect", op_id)
-                conn.close(CLOSE_TRY_LATER, "session unavailable")
+            except ActorUnavailable as exc:
+                self._error(conn, "unavailable", str(exc), op_id)
+                if actor.stopped.is_set():
+                    conn.close(CLOSE_TRY_LATER, "session unavailable")
 
     def _refresh(self, conn: Connection, watch: _Watch, token: str) -> None:
         """In-band token refresh: same subject, new expiry (DESIGN §3 `auth`)."""

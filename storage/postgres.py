@@ -1,0 +1,298 @@
+"""PostgreSQL storage (DESIGN §5, §8): session metadata, users and durable snapshots, asyncpg on the bridge.
+
+Migrations are the ordered plain SQL files in storage/migrations (`0001_init.sql`, ...), applied by `migrate()`
+under an advisory lock (several pods may start at once) and recorded in `schema_version`, so running it again is a
+no-op. The pool skips asyncpg's per-release reset query (`UNLISTEN *; RESET ALL; ...`, ~2.5x the cost of a query,
+TRAPS.md): we never leave session state on pooled connections; asyncpg still rolls back an open transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+import trio
+
+from storage.bridge import Bridge
+from storage.memory import decode_cursor, encode_cursor
+from storage.ports import SessionRecord, Snapshot, StorageUnavailable
+from storage.redis_store import decode_snapshot, encode_snapshot
+
+T = TypeVar("T")
+
+MIGRATION_LOCK_KEY = 0x5E55_10D0  # pg_advisory_lock key shared by every sessiond pod
+CONNECT_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 10.0
+_KNOWN_USERS = 10_000  # bounded cache of subjects already recorded
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now, query cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.InterfaceError,  # pool closing, connection lost mid-call
+)
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration, in order."""
+    found = []
+    for entry in (resources.files("storage") / "migrations").iterdir():
+        m = re.fullmatch(r"(\d{4})_[\w-]+\.sql", entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions in {[n for _, n, _ in found]}")
+    return found
+
+
+async def _run(bridge: Bridge, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    try:
+        return await bridge.run(fn, *args)
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+
+
+async def migrate(bridge: Bridge, dsn: str) -> list[int]:
+    """Apply pending migrations (idempotent, serialised across pods); returns the versions applied now."""
+
+    async def apply() -> list[int]:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_version")}
+                applied = []
+                for version, name, sql in migration_files():
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_version (version, name) VALUES ($1, $2)", version, name)
+                    applied.append(version)
+                return applied
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        finally:
+            await conn.close()
+
+    return await _run(bridge, apply)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+    )
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Cheap release: asyncpg already rolled back any open transaction; we keep no other session state."""
+
+
+_COLUMNS = "id, owner, name, metadata, status, version, active, created_at, updated_at"
+
+
+def _record(row: asyncpg.Record) -> SessionRecord:
+    return SessionRecord(
+        id=row["id"],
+        owner=row["owner"],
+        name=row["name"],
+        metadata=row["metadata"],
+        status=row["status"],
+        version=row["version"],
+        active=row["active"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class PostgresSessionStore:
+    """SessionStore port: metadata rows, owner listing by keyset pagination, users on first sight."""
+
+    def __init__(self, bridge: Bridge, pool: asyncpg.Pool) -> None:
+        self._bridge = bridge
+        self._pool = pool
+        self._known_users: OrderedDict[str, None] = OrderedDict()
+
+    async def create_session(self, record: SessionRecord) -> None:
+        try:
+            await _run(
+                self._bridge,
+                self._pool.execute,
+                f"INSERT INTO sessions ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                *_values(record),
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise ValueError(f"session {record.id} exists") from exc
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = await _run(
+            self._bridge, self._pool.fetchrow, f"SELECT {_COLUMNS} FROM sessions WHERE id = $1", session_id
+        )
+        return None if row is None else _record(row)
+
+    async def list_sessions(self, owner: str, limit: int, cursor: str | None) -> tuple[list[SessionRecord], str | None]:
+        if cursor is None:
+            rows = await _run(
+                self._bridge,
+                self._pool.fetch,
+                f"SELECT {_COLUMNS} FROM sessions WHERE owner = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+                owner,
+                limit + 1,
+            )
+        else:
+            created_at, last_id = decode_cursor(cursor)
+            rows = await _run(
+                self._bridge,
+                self._pool.fetch,
+                f"SELECT {_COLUMNS} FROM sessions WHERE owner = $1 AND (created_at, id) < ($2, $3)"
+                " ORDER BY created_at DESC, id DESC LIMIT $4",
+                owner,
+                created_at,
+                last_id,
+                limit + 1,
+            )
+        page = [_record(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
+
+    async def update_session(self, record: SessionRecord) -> None:
+        """Updates an existing row (a missing session stays missing, like the other backends)."""
+        await _run(
+            self._bridge,
+            self._pool.execute,
+            "UPDATE sessions SET owner = $2, name = $3, metadata = $4, status = $5, version = $6,"
+            " active = $7, created_at = $8, updated_at = $9 WHERE id = $1",
+            *_values(record),
+        )
+
+    async def record_user(self, subject: str) -> None:
+        if subject in self._known_users:
+            self._known_users.move_to_end(subject)
+            return
+        await _run(
+            self._bridge,
+            self._pool.execute,
+            "INSERT INTO users (subject) VALUES ($1) ON CONFLICT (subject) DO NOTHING",
+            subject,
+        )
+        self._known_users[subject] = None
+        if len(self._known_users) > _KNOWN_USERS:
+            self._known_users.popitem(last=False)
+
+    async def has_user(self, subject: str) -> bool:
+        """For tests and admin: was this subject recorded?"""
+        found = await _run(self._bridge, self._pool.fetchval, "SELECT 1 FROM users WHERE subject = $1", subject)
+        return found is not None
+
+
+def _values(r: SessionRecord) -> tuple[Any, ...]:
+    return (r.id, r.owner, r.name, r.metadata, r.status, r.version, r.active, r.created_at, r.updated_at)
+
+
+class PostgresSnapshotStore:
+    """Durable snapshots: the newest per session (an older version never replaces a newer one)."""
+
+    def __init__(self, bridge: Bridge, pool: asyncpg.Pool) -> None:
+        self._bridge = bridge
+        self._pool = pool
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await _run(
+            self._bridge,
+            self._pool.execute,
+            "INSERT INTO snapshots (session_id, version, data) VALUES ($1, $2, $3)"
+            " ON CONFLICT (session_id) DO UPDATE SET version = EXCLUDED.version, data = EXCLUDED.data,"
+            " saved_at = extract(epoch FROM now()) WHERE snapshots.version <= EXCLUDED.version",
+            snapshot.session_id,
+            snapshot.version,
+            encode_snapshot(snapshot),
+        )
+
+    async def load_snapshot(self, session_id: str) -> Snapshot | None:
+        raw = await _run(
+            self._bridge, self._pool.fetchval, "SELECT data FROM snapshots WHERE session_id = $1", session_id
+        )
+        return None if raw is None else decode_snapshot(raw)
+
+    async def delete_snapshots(self, session_id: str) -> None:
+        await _run(self._bridge, self._pool.execute, "DELETE FROM snapshots WHERE session_id = $1", session_id)
+
+
+class PostgresHealth:
+    def __init__(self, bridge: Bridge, pool: asyncpg.Pool) -> None:
+        self._bridge = bridge
+        self._pool = pool
+
+    async def ping(self) -> None:
+        await _run(self._bridge, self._pool.fetchval, "SELECT 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresBackend:
+    pool: asyncpg.Pool
+    sessions: PostgresSessionStore
+    snapshots: PostgresSnapshotStore
+    health: PostgresHealth
+
+
+@asynccontextmanager
+async def open_postgres(
+    bridge: Bridge,
+    dsn: str,
+    *,
+    run_migrations: bool = True,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float = COMMAND_TIMEOUT_S,
+) -> AsyncIterator[PostgresBackend]:
+    """Migrate (by default), open a bounded pool on the bridge loop, and close it on exit."""
+    if run_migrations:
+        await migrate(bridge, dsn)
+
+    async def make() -> asyncpg.Pool:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_no_reset,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=command_timeout,
+        )
+        return pool
+
+    pool = await _run(bridge, make)
+
+    async def close() -> None:
+        try:
+            await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            pool.terminate()
+
+    try:
+        yield PostgresBackend(
+            pool=pool,
+            sessions=PostgresSessionStore(bridge, pool),
+            snapshots=PostgresSnapshotStore(bridge, pool),
+            health=PostgresHealth(bridge, pool),
+        )
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_TIMEOUT_S + 1.0):
+            await bridge.run(close)

@@ -1,0 +1,303 @@
+"""Redis journal + latest snapshot (DESIGN §5 guarantee 2), redis.asyncio driven through the bridge.
+
+Keys, under a configurable prefix (default "sessiond:"):
+- `{prefix}j:{sid}`: the journal, a Redis **stream** whose entry ids are `{version}-0`. Why a stream: Redis itself
+  then refuses an id that does not grow (a stale writer cannot slip an old version in), reads by version are
+  `XRANGE (v+1)-0 +` (O(log n)), trimming by version is `XTRIM MINID`, and entries sit in compact listpacks.
+- `{prefix}s:{sid}`: the latest snapshot, a hash `{v: version, d: orjson bytes}`; a Lua script replaces it only
+  when not older, and trims the journal up to it in the same step.
+
+Group commit: `append` is one MULTI/EXEC round trip (one Lua call inside, so a batch is all-or-nothing and a
+retried batch that already landed is accepted again unchanged: acks may be retried safely). `append_many` puts the
+batches of several sessions into the same single round trip. Each journal is bounded (`max_entries`): growth
+beyond is refused with `JournalFull`, since it means snapshots stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+import trio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from storage.bridge import Bridge
+from storage.ports import Change, Snapshot, StorageUnavailable
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "sessiond:"
+MAX_JOURNAL_ENTRIES = 10_000
+SOCKET_TIMEOUT_S = 2.0
+
+
+class JournalFull(StorageUnavailable):
+    """A session's journal reached its cap: snapshots (which trim it) have stopped."""
+
+
+class VersionConflict(RuntimeError):
+    """An append reused a version that holds a different change (a stale writer)."""
+
+
+class JournalRefused(RuntimeError):
+    """`append_many`: some sessions' batches were refused; the others were written."""
+
+    def __init__(self, errors: Mapping[str, Exception]) -> None:
+        super().__init__(f"journal append refused for {sorted(errors)}")
+        self.errors = dict(errors)
+
+
+# KEYS[1] journal; ARGV[1] cap; ARGV[2k], ARGV[2k+1] = version, payload. Checks everything before writing.
+_APPEND = """
+local key = KEYS[1]
+local cap = tonumber(ARGV[1])
+local last = 0
+if redis.call('EXISTS', key) == 1 then
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = tonumber(string.match(info[i + 1], '^(%d+)')) end
+  end
+end
+local new = {}
+local prev = last
+for i = 2, #ARGV, 2 do
+  local v = tonumber(ARGV[i])
+  if v <= last then
+    local got = redis.call('XRANGE', key, v .. '-0', v .. '-0')
+    if #got == 0 or got[1][2][2] ~= ARGV[i + 1] then
+      return redis.error_reply('VERSION ' .. v .. ' is not after ' .. last)
+    end
+  else
+    if v <= prev then return redis.error_reply('VERSION order ' .. v .. ' after ' .. prev) end
+    prev = v
+    new[#new + 1] = i
+  end
+end
+if #new > 0 and redis.call('XLEN', key) + #new > cap then
+  return redis.error_reply('JOURNAL_FULL ' .. key)
+end
+for _, i in ipairs(new) do redis.call('XADD', key, ARGV[i] .. '-0', 'd', ARGV[i + 1]) end
+return #new
+"""
+
+# KEYS[1] snapshot hash, KEYS[2] journal; ARGV = version, data, trim flag. Equal versions replace (handoff).
+_SAVE_SNAPSHOT = """
+local cur = redis.call('HGET', KEYS[1], 'v')
+local v = tonumber(ARGV[1])
+if cur and tonumber(cur) > v then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('XTRIM', KEYS[2], 'MINID', (v + 1) .. '-0')
+end
+return 1
+"""
+
+
+def encode_change(change: Change) -> bytes:
+    return orjson.dumps({"v": change.version, "d": change.device, "i": change.op_id, "o": change.ops})
+
+
+def decode_change(raw: bytes) -> Change:
+    d = orjson.loads(raw)
+    return Change(version=d["v"], device=d["d"], op_id=d["i"], ops=d["o"])
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    return orjson.dumps(dataclasses.asdict(snapshot))
+
+
+def decode_snapshot(raw: bytes) -> Snapshot:
+    return Snapshot(**orjson.loads(raw))
+
+
+def _map_error(exc: Exception) -> Exception:
+    if isinstance(exc, ResponseError):
+        msg = str(exc)
+        if "JOURNAL_FULL" in msg:
+            return JournalFull(msg)
+        if "VERSION" in msg:
+            return VersionConflict(msg)
+    return exc
+
+
+async def _await(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await fn(*args)
+
+
+class RedisClient:
+    """The redis.asyncio client living on the bridge loop; every call maps outages to StorageUnavailable."""
+
+    def __init__(self, bridge: Bridge, client: aioredis.Redis, prefix: str) -> None:
+        self.bridge = bridge
+        self.client = client
+        self.prefix = prefix
+
+    def journal_key(self, session_id: str) -> str:
+        return f"{self.prefix}j:{session_id}"
+
+    def snapshot_key(self, session_id: str) -> str:
+        return f"{self.prefix}s:{session_id}"
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`await fn(*args)` on the bridge loop (redis-py types its commands as Awaitable, not coroutines)."""
+        try:
+            return await self.bridge.run(_await, fn, *args)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"redis: {exc}") from exc
+        except ResponseError as exc:
+            raise _map_error(exc) from exc
+
+
+class RedisJournal:
+    """Journal port on a Redis stream per session."""
+
+    def __init__(self, redis: RedisClient, max_entries: int = MAX_JOURNAL_ENTRIES) -> None:
+        self._r = redis
+        self.max_entries = max_entries
+
+    def _queue_append(self, pipe: Any, session_id: str, changes: Sequence[Change]) -> None:
+        args: list[Any] = [self.max_entries]
+        for c in changes:
+            args += [c.version, encode_change(c)]
+        pipe.eval(_APPEND, 1, self._r.journal_key(session_id), *args)
+
+    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+        """One MULTI/EXEC round trip; all-or-nothing; a retry of a batch that already landed is a no-op."""
+        if changes:
+            await self.append_many({session_id: changes})
+
+    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
+        """The batches of several sessions in one round trip (each atomic on its own).
+
+        With one session its error is raised as is; with several, `JournalRefused` names the refused ones
+        (the others were written).
+        """
+        items = [(sid, ch) for sid, ch in batches.items() if ch]
+        if not items:
+            return
+
+        async def run() -> list[Any]:
+            async with self._r.client.pipeline(transaction=True) as pipe:
+                for sid, changes in items:
+                    self._queue_append(pipe, sid, changes)
+                return list(await pipe.execute(raise_on_error=False))
+
+        results = await self._r.call(run)
+        errors = {
+            sid: _map_error(res) for (sid, _), res in zip(items, results, strict=True) if isinstance(res, Exception)
+        }
+        if not errors:
+            return
+        if len(items) == 1:
+            raise next(iter(errors.values()))
+        raise JournalRefused(errors)
+
+    async def read_after(self, session_id: str, version: int) -> list[Change]:
+        key = self._r.journal_key(session_id)
+        entries: Any = await self._r.call(self._r.client.xrange, key, f"{version + 1}-0", "+")
+        return [decode_change(fields[b"d"]) for _id, fields in entries]
+
+    async def trim(self, session_id: str, upto_version: int) -> None:
+        await self._r.call(self._r.client.xtrim, self._r.journal_key(session_id), None, False, f"{upto_version + 1}-0")
+
+    async def delete(self, session_id: str) -> None:
+        await self._r.call(self._r.client.delete, self._r.journal_key(session_id))
+
+    async def length(self, session_id: str) -> int:
+        """Entries currently held (for metrics and tests)."""
+        n: int = await self._r.call(self._r.client.xlen, self._r.journal_key(session_id))
+        return n
+
+
+class RedisSnapshotStore:
+    """Latest snapshot per session; saving also trims the journal it covers (`trim_journal`)."""
+
+    def __init__(self, redis: RedisClient, *, trim_journal: bool = True) -> None:
+        self._r = redis
+        self.trim_journal = trim_journal
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        sid = snapshot.session_id
+        await self._r.call(
+            self._r.client.eval,
+            _SAVE_SNAPSHOT,
+            2,
+            self._r.snapshot_key(sid),
+            self._r.journal_key(sid),
+            snapshot.version,
+            encode_snapshot(snapshot),
+            "1" if self.trim_journal else "0",
+        )
+
+    async def load_snapshot(self, session_id: str) -> Snapshot | None:
+        raw: Any = await self._r.call(self._r.client.hget, self._r.snapshot_key(session_id), "d")
+        return None if raw is None else decode_snapshot(raw)
+
+    async def delete_snapshots(self, session_id: str) -> None:
+        await self._r.call(self._r.client.delete, self._r.snapshot_key(session_id))
+
+
+class RedisHealth:
+    def __init__(self, redis: RedisClient) -> None:
+        self._r = redis
+
+    async def ping(self) -> None:
+        await self._r.call(self._r.client.ping)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBackend:
+    client: RedisClient
+    journal: RedisJournal
+    snapshots: RedisSnapshotStore
+    health: RedisHealth
+
+
+@asynccontextmanager
+async def open_redis(
+    bridge: Bridge,
+    url: str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    max_entries: int = MAX_JOURNAL_ENTRIES,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+    trim_journal_on_snapshot: bool = True,
+    max_connections: int = 64,
+) -> AsyncIterator[RedisBackend]:
+    """Create the client on the bridge loop (connections are made lazily) and close it on exit."""
+
+    async def make() -> aioredis.Redis:
+        # Bounded pool: past `max_connections` callers wait (up to the socket timeout) instead of dialing more.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            # One quick retry covers a pooled connection that died (e.g. Redis restarted); appends are idempotent.
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
+            health_check_interval=30,
+        )
+        return aioredis.Redis.from_pool(pool)
+
+    client = await bridge.run(make)
+    rc = RedisClient(bridge, client, prefix)
+    try:
+        yield RedisBackend(
+            client=rc,
+            journal=RedisJournal(rc, max_entries),
+            snapshots=RedisSnapshotStore(rc, trim_journal=trim_journal_on_snapshot),
+            health=RedisHealth(rc),
+        )
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(socket_timeout + 1.0):
+            await bridge.run(client.aclose)
