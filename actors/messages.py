@@ -156,12 +156,17 @@ class Shutdown:
 
 
 @dataclass(frozen=True, slots=True)
+class Passivate:
+    """The registry asks an idle actor to checkpoint and stop (memory budget, least recently used first)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Crash:
     """Test hook: raise inside the actor, to exercise supervision."""
 
 
 Message = (
     Attach | Detach | ChangeRequest | PauseRequest | ClaimRequest | RestChange | RestHandoff | Describe | End
-    | Shutdown | Crash
+    | Shutdown | Passivate | Crash
 )
 AskMessage = RestChange | RestHandoff | Describe | End | Shutdown

@@ -9,7 +9,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ACTORS_LIVE = Gauge("sessiond_actors_live", "Session actors currently active on this pod")
 ACTIVATIONS = Counter("sessiond_actor_activations_total", "Session actors activated")
-PASSIVATIONS = Counter("sessiond_actor_passivations_total", "Session actors passivated after idling")
+PASSIVATIONS = Counter(
+    "sessiond_actor_passivations_total", "Session actors passivated, by reason (idle time, memory budget)", ["reason"]
+)
+ACTOR_STATE_BYTES = Gauge("sessiond_actor_state_bytes", "Estimated state bytes held by live actors on this pod")
 CRASHES = Counter("sessiond_actor_crashes_total", "Exceptions that crashed a session actor")
 FAILED = Counter("sessiond_actor_failed_total", "Sessions whose actor spent its restart budget")
 CHANGES = Counter("sessiond_changes_total", "Changes accepted (one version step each)")

@@ -13,11 +13,23 @@ from typing import Any
 import structlog
 import trio
 
-from actors.messages import ActorUnavailable, Describe, End, Message, RestChange, RestHandoff, Shutdown
+from actors import metrics
+from actors.messages import (
+    ActorUnavailable,
+    Describe,
+    End,
+    Message,
+    Overloaded,
+    Passivate,
+    RestChange,
+    RestHandoff,
+    Shutdown,
+)
 from actors.session_actor import ActorConfig, SessionActor, SessionNotFound, now_iso
 from storage.ports import JSON, SessionRecord, Snapshot, Storage
 
 log = structlog.get_logger("sessiond.registry")
+BUDGET_CHECK_S = 1.0
 
 __all__ = ["Registry", "SessionNotFound"]
 
@@ -42,7 +54,32 @@ class Registry:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(BUDGET_CHECK_S)
+                self.enforce_memory_budget()
+
+    def enforce_memory_budget(self) -> int:
+        """Passivate idle actors, least recently used first, while live state exceeds the budget.
+
+        Returns how many were asked to leave; each checkpoints before it stops (DESIGN §5.5).
+        """
+        live = [a for a in self._actors.values() if a.state is not None]
+        total = sum(a.state.approx_bytes for a in live if a.state is not None)
+        metrics.ACTOR_STATE_BYTES.set(total)
+        asked = 0
+        if total <= self.config.memory_budget_bytes:
+            return 0
+        for actor in sorted((a for a in live if not a.links), key=lambda a: a.idle_since):
+            if total <= self.config.memory_budget_bytes:
+                break
+            try:
+                actor.tell(Passivate())
+            except (Overloaded, ActorUnavailable):
+                continue
+            assert actor.state is not None
+            total -= actor.state.approx_bytes
+            asked += 1
+        return asked
 
     # ---- lookup -------------------------------------------------------------------------------
 

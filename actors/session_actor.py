@@ -32,6 +32,7 @@ from actors.messages import (
     Message,
     Outgoing,
     Overloaded,
+    Passivate,
     PauseRequest,
     Reply,
     RestChange,
@@ -85,6 +86,7 @@ class ActorConfig:
     max_restarts: int = 10
     restart_window_s: float = 60.0
     storage_timeout_s: float = 5.0
+    memory_budget_bytes: int = 512 << 20  # state bytes of all live actors; idle ones beyond it are passivated
 
 
 def now_iso() -> str:
@@ -277,15 +279,26 @@ class SessionActor:
         ):
             await self._checkpoint("timer")
         idle = now - self._last_activity >= self.config.passivate_after_s
-        if idle and not self.links and self._recv.statistics().current_buffer_used == 0:
-            self._on_retire(self)  # no new messages can reach us from here on
-            await self._checkpoint("passivate", force=True)
-            metrics.PASSIVATIONS.inc()
-            self._log.info("passivated")
+        if idle and await self._passivate("idle"):
             return True
         if idle:
             self._last_activity = now
         return False
+
+    async def _passivate(self, reason: str) -> bool:
+        """Stop if no device is connected and nothing waits: final checkpoint first. True when stopped."""
+        if self.links or self._recv.statistics().current_buffer_used:
+            return False
+        self._on_retire(self)  # no new messages can reach us from here on
+        await self._checkpoint("passivate", force=True)
+        metrics.PASSIVATIONS.labels(reason).inc()
+        self._log.info("passivated", reason=reason)
+        return True
+
+    @property
+    def idle_since(self) -> float:
+        """trio clock of the last message handled (the registry evicts the least recently used)."""
+        return self._last_activity
 
     async def _turn(self, batch: list[Message]) -> bool:
         state = self.state
@@ -294,6 +307,7 @@ class SessionActor:
         replies: list[tuple[Reply, Any]] = []
         stop = False
         shutdown: Shutdown | None = None
+        passivate = False
         for message in batch:
             self.handled += 1
             if isinstance(message, ChangeRequest):
@@ -329,6 +343,8 @@ class SessionActor:
                 self._inflight.append(message.reply)
                 shutdown = message
                 break
+            elif isinstance(message, Passivate):
+                passivate = True
             elif isinstance(message, Crash):
                 raise RuntimeError("crash requested")
         effects = state.take_effects()
@@ -351,6 +367,8 @@ class SessionActor:
             self._on_retire(self)
             return True
         if stop:
+            return True
+        if passivate and await self._passivate("memory"):
             return True
         await self._checkpoint_by_policy()
         return False

@@ -35,6 +35,7 @@ def actor_config(settings: Settings) -> ActorConfig:
         replay_window=settings.replay_window,
         max_state_bytes=settings.max_state_bytes,
         passivate_after_s=settings.passivate_after_s,
+        memory_budget_bytes=settings.memory_budget_bytes,
         checkpoint_every_versions=settings.checkpoint_every_versions,
         checkpoint_every_s=settings.checkpoint_every_s,
         fast_snapshot_every_versions=settings.snapshot_every_versions if settings.redis_url else None,

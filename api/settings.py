@@ -55,6 +55,7 @@ class Settings:
     mailbox_size: int = 4096
     replay_window: int = 1000
     passivate_after_s: float = 300.0
+    memory_budget_bytes: int = 512 << 20  # live actors' state; idle ones beyond it are passivated (LRU)
     snapshot_every_versions: int = 100  # fast snapshot to Redis (with a Redis journal)
     checkpoint_every_versions: int = 1000  # durable checkpoint (PostgreSQL / SQLite) ...
     checkpoint_every_s: float = 5.0  # ... or this often when changed

@@ -142,3 +142,22 @@ async def test_list_sessions_paginates_newest_first(server: Harness) -> None:
         assert (await http.get("/v1/sessions", params={"limit": 0})).status_code == 400
         r = await http.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame"
+
+
+async def test_memory_budget_passivates_least_recently_used(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from tests.integration.harness import start_server
+
+    h = await start_server(nursery, tmp_path, memory_budget_bytes=3000)
+    ids = [await h.create_session(state={"blob": "x" * 900}) for _ in range(6)]
+    async with h.rest() as http:
+        for sid in ids:
+            assert (await http.get(f"/v1/sessions/{sid}")).status_code == 200  # activates each
+        async with raw_device(h, ids[0], "keeper"):  # a connected session is never evicted
+            with trio.fail_after(5):
+                while len(h.running.registry.live()) > 3:
+                    await trio.sleep(0.05)
+            live = {a.id for a in h.running.registry.live()}
+            assert ids[0] in live and ids[-1] in live and ids[1] not in live
+        body = (await http.get(f"/v1/sessions/{ids[1]}")).json()  # re-activated from its checkpoint
+        assert body["state"] == {"blob": "x" * 900}
+    h.running.stop()
