@@ -46,6 +46,7 @@ class Registry:
         self._actors: dict[str, SessionActor] = {}
         self._retiring: dict[str, SessionActor] = {}
         self._activating: dict[str, trio.Event] = {}
+        self._failed: dict[str, float] = {}  # session -> trio time until which it stays failed
         self._nursery: trio.Nursery | None = None
         self.closing = False
 
@@ -95,6 +96,11 @@ class Registry:
             actor = self._actors.get(session_id)
             if actor is not None:
                 return actor
+            failed_until = self._failed.get(session_id)
+            if failed_until is not None:
+                if trio.current_time() < failed_until:
+                    raise ActorUnavailable("session failed after repeated crashes; retry later")
+                del self._failed[session_id]
             retiring = self._retiring.get(session_id)
             if retiring is not None:
                 await retiring.stopped.wait()
@@ -124,6 +130,8 @@ class Registry:
         if actor.stopped.is_set():
             if self._retiring.get(actor.id) is actor:
                 del self._retiring[actor.id]
+            if actor.failed:  # restart budget spent: refuse the session for one restart window
+                self._failed[actor.id] = trio.current_time() + self.config.restart_window_s
         else:
             self._retiring[actor.id] = actor
 

@@ -342,6 +342,10 @@ class SessionActor:
             elif isinstance(message, Shutdown):
                 self._inflight.append(message.reply)
                 shutdown = message
+                for later in batch[batch.index(message) + 1 :]:
+                    reply = getattr(later, "reply", None)
+                    if isinstance(reply, Reply):
+                        reply.fail(ActorUnavailable("server shutting down"))
                 break
             elif isinstance(message, Passivate):
                 passivate = True
@@ -405,21 +409,44 @@ class SessionActor:
                 await self._checkpoint(effect.reason, durable=durable, force=True, raise_errors=True)
 
     def _dispatch(self, effects: list[Effect]) -> bool:
+        """Perform the turn's effects in order.
+
+        Two per-turn rules keep every device's stream gap- and duplicate-free: a device that joined in
+        this turn receives nothing before its welcome (which already holds earlier changes), and a device
+        resynced by an overflow receives no frame of a version its fresh welcome already covers.
+        """
         state = self.state
         assert state is not None
         stop = False
+        awaiting_welcome = {e.device for e in effects if isinstance(e, Send) and e.frame.get("t") == "welcome"}
+        resynced: dict[str, int] = {}
         for effect in effects:
             if isinstance(effect, Broadcast):
                 out = Outgoing(effect.frame)
+                if not awaiting_welcome and not resynced:  # the hot path
+                    for device, link in self.links.items():
+                        if device != effect.exclude:
+                            self._deliver(link, out, resynced)
+                    continue
+                version = effect.frame.get("version")
                 for device, link in self.links.items():
-                    if device != effect.exclude:
-                        self._deliver(link, out)
+                    if device == effect.exclude or device in awaiting_welcome:
+                        continue
+                    if version is not None and resynced.get(device, -1) >= version:
+                        continue
+                    self._deliver(link, out, resynced)
             elif isinstance(effect, Send):
                 target = self.links.get(effect.device)
                 if target is not None:
-                    self._deliver(target, Outgoing(effect.frame))
+                    self._deliver(target, Outgoing(effect.frame), resynced)
+                if effect.frame.get("t") == "welcome":
+                    awaiting_welcome.discard(effect.device)
             elif isinstance(effect, Close):
-                targets = self.links.values() if effect.device is None else [self.links[effect.device]]
+                if effect.device is None:
+                    targets = list(self.links.values())
+                else:
+                    one = self.links.get(effect.device)
+                    targets = [one] if one is not None else []
                 for link in targets:
                     link.close(effect.code, effect.reason)
             elif isinstance(effect, Publish):
@@ -428,7 +455,7 @@ class SessionActor:
                 stop = True
         return stop
 
-    def _deliver(self, link: DeviceLink, out: Outgoing) -> None:
+    def _deliver(self, link: DeviceLink, out: Outgoing, resynced: dict[str, int]) -> None:
         """Queue for one device; an overflow becomes one fresh welcome, a second one a disconnect (§5.5)."""
         if link.deliver(out):
             return
@@ -439,6 +466,7 @@ class SessionActor:
             metrics.SLOW_CONSUMERS.labels("resync").inc()
             assert self.state is not None
             link.resync(Outgoing(self.state.welcome(link.device)))
+            resynced[link.device] = self.state.version
 
     def _event_body(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         owner = self.state.owner if self.state else None

@@ -147,6 +147,12 @@ def _record_json(record: SessionRecord) -> dict[str, Any]:
     }
 
 
+def _strict_loads(s: str | bytes, **kwargs: Any) -> Any:
+    """orjson for request bodies: like the WebSocket codec it refuses NaN/Infinity, which Python's json
+    accepts and our state could not store faithfully."""
+    return orjson.loads(s)
+
+
 def create_app(settings: Settings, registry: Registry, auth: Authenticator, storage: Storage) -> QuartTrio:
     app = QuartTrio("sessiond")
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_frame_bytes, settings.max_state_bytes + 64 * 1024)
@@ -159,6 +165,7 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
         redoc_ui_path=None,
         scalar_ui_path=None,
     )
+    app.json.loads = _strict_loads  # type: ignore[method-assign]  # after QuartSchema installed its provider
 
     def authenticated(admin: bool = False) -> Callable[[F], F]:
         def decorate(handler: F) -> F:

@@ -30,6 +30,7 @@ from pika.exceptions import AMQPError
 from pika.spec import Basic
 
 from storage.bridge import Bridge
+from storage.metrics import EVENTS_BUFFERED, EVENTS_DROPPED, EVENTS_PUBLISHED, STORAGE_ERRORS
 from storage.ports import JSON
 
 EXCHANGE = "sessiond.events"
@@ -86,18 +87,18 @@ class AmqpEventSink:
         try:
             payload = orjson.dumps(body)
         except TypeError:
-            self._drop("unencodable body", routing_key)
+            self._drop("unencodable", routing_key)
             return
         if self._closing:
-            self._drop("sink closed", routing_key)
+            self._drop("closed", routing_key)
             return
         while self.buffered >= self.buffer_size:
             try:
                 old_key, _ = self._buffer.popleft()
             except IndexError:  # everything is in flight: drop the new one instead
-                self._drop("buffer full", routing_key)
+                self._drop("buffer_full", routing_key)
                 return
-            self._drop("buffer full", old_key)
+            self._drop("buffer_full", old_key)
         self._buffer.append((routing_key, payload))
         if not self._wake_pending:
             self._wake_pending = True
@@ -107,7 +108,9 @@ class AmqpEventSink:
                 self._wake_pending = False
 
     def _drop(self, reason: str, routing_key: str) -> None:
+        """`reason` is one of the bounded metric labels: buffer_full, unencodable, closed."""
         self.dropped += 1
+        EVENTS_DROPPED.labels(reason).inc()
         if self.dropped == 1 or self.dropped % 1000 == 0:
             log.warning("event dropped", reason=reason, routing_key=routing_key, dropped_total=self.dropped)
 
@@ -132,6 +135,7 @@ class AmqpEventSink:
                 backoff = BACKOFF_MIN_S
                 await self._pump(channel, closed)
             except (_Disconnected, AMQPError, OSError, TimeoutError) as exc:
+                STORAGE_ERRORS.labels("amqp", "unavailable").inc()
                 log.warning("rabbitmq unavailable", error=repr(exc), buffered=self.buffered, retry_in=backoff)
             finally:
                 self.connected = False
@@ -222,9 +226,12 @@ class AmqpEventSink:
         tag: int = method.delivery_tag
         tags = [t for t in self._inflight if t <= tag] if method.multiple else [tag]
         if isinstance(method, Basic.Ack):
+            confirmed = 0
             for t in tags:
                 if self._inflight.pop(t, None) is not None:
-                    self.published += 1
+                    confirmed += 1
+            self.published += confirmed
+            EVENTS_PUBLISHED.inc(confirmed)  # once per confirm frame (they often cover many messages)
         else:  # nack: the broker lost them; publish again (at-least-once)
             retry = [self._inflight.pop(t) for t in sorted(tags) if t in self._inflight]
             self._buffer.extendleft(reversed(retry))
@@ -272,9 +279,12 @@ async def open_amqp_events(
     """Start the publisher on the bridge loop (connecting in the background); on exit flush briefly and stop."""
     sink = AmqpEventSink(bridge, url, exchange=exchange, buffer_size=buffer_size)
     await bridge.run(sink._start)
+    EVENTS_BUFFERED.set_function(lambda: sink.buffered)  # read at scrape time: nothing on the publish path
     try:
         yield sink
     finally:
         sink._closing = True
         with trio.CancelScope(shield=True), trio.move_on_after(flush_timeout + 2.0):
             await bridge.run(sink._stop, flush_timeout)
+        EVENTS_DROPPED.labels("closed").inc(sink.buffered)  # not delivered at shutdown: lost with the process
+        EVENTS_BUFFERED.set_function(lambda: 0)

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import functools
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 
 import outcome
 import trio
+
+from storage.metrics import BRIDGE_CALL_SECONDS
 
 T = TypeVar("T")
 
@@ -85,6 +88,7 @@ class Bridge:
         """
         if self._closed:
             raise BridgeClosed("bridge is closed")
+        started = time.perf_counter()
         call = _Call(fn, args, trio.lowlevel.current_task())
         self._send(call)
 
@@ -98,7 +102,10 @@ class Bridge:
                 return trio.lowlevel.Abort.SUCCEEDED
             return trio.lowlevel.Abort.FAILED
 
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:  # once per call (calls carry whole batches), failed ones included
+            BRIDGE_CALL_SECONDS.observe(time.perf_counter() - started)
         return result
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -1,4 +1,5 @@
-"""PostgreSQL storage (DESIGN §5, §8): session metadata, users and durable snapshots, asyncpg on the bridge.
+"""PostgreSQL storage (DESIGN §5, §8): session metadata, users, durable snapshots and the `postgres`-durability
+journal, asyncpg on the bridge.
 
 Migrations are the ordered plain SQL files in storage/migrations (`0001_init.sql`, ...), applied by `migrate()`
 under an advisory lock (several pods may start at once) and recorded in `schema_version`, so running it again is a
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -21,10 +23,20 @@ import asyncpg
 import orjson
 import trio
 
-from storage.bridge import Bridge
+from storage.bridge import Bridge, open_bridge
 from storage.memory import decode_cursor, encode_cursor
-from storage.ports import SessionRecord, Snapshot, StorageUnavailable
-from storage.redis_store import decode_snapshot, encode_snapshot
+from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
+from storage.ports import Change, SessionRecord, Snapshot, StorageUnavailable
+from storage.redis_store import (
+    MAX_JOURNAL_ENTRIES,
+    JournalFull,
+    JournalRefused,
+    VersionConflict,
+    decode_change,
+    decode_snapshot,
+    encode_change,
+    encode_snapshot,
+)
 
 T = TypeVar("T")
 
@@ -61,6 +73,7 @@ async def _run(bridge: Bridge, fn: Callable[..., Coroutine[Any, Any, T]], *args:
     try:
         return await bridge.run(fn, *args)
     except _UNAVAILABLE as exc:
+        STORAGE_ERRORS.labels("postgres", "unavailable").inc()
         raise StorageUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
 
 
@@ -93,6 +106,12 @@ async def migrate(bridge: Bridge, dsn: str) -> list[int]:
             await conn.close()
 
     return await _run(bridge, apply)
+
+
+async def migrate_url(dsn: str) -> list[int]:
+    """`sessiond migrate`: open a bridge of its own, apply pending migrations, return the versions applied."""
+    async with open_bridge() as bridge:
+        return await migrate(bridge, dsn)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -235,6 +254,107 @@ class PostgresSnapshotStore:
         await _run(self._bridge, self._pool.execute, "DELETE FROM snapshots WHERE session_id = $1", session_id)
 
 
+_APPEND_SECONDS = JOURNAL_APPEND_SECONDS.labels("postgres")
+_APPENDED = JOURNAL_APPENDED.labels("postgres")
+
+
+def _refusal(session_id: str, reason: str) -> Exception:
+    if reason == "full":
+        return JournalFull(f"postgresql journal of {session_id} is full")
+    return VersionConflict(f"postgresql journal of {session_id}: {reason}")
+
+
+class PostgresJournal:
+    """Journal port for SESSIOND_DURABILITY=postgres: an ack waits for the batch's COMMIT (migration 0002).
+
+    Same contract as the Redis journal: `append` is one round trip (one call of `sessiond_journal_append`, one
+    implicit transaction), all-or-nothing, versions strictly increasing per session, an identical retried batch is
+    accepted again; growth past `max_entries` is refused with `JournalFull`. With `clamp_trim` (a fast Redis
+    snapshot tier in front) `trim` never goes past the session's durable PostgreSQL snapshot, so losing Redis
+    never loses a change: durable snapshot + this journal is always complete.
+    """
+
+    def __init__(
+        self, bridge: Bridge, pool: asyncpg.Pool, *, max_entries: int = MAX_JOURNAL_ENTRIES, clamp_trim: bool = False
+    ) -> None:
+        self._bridge = bridge
+        self._pool = pool
+        self.max_entries = max_entries
+        self.clamp_trim = clamp_trim
+
+    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+        if changes:
+            await self.append_many({session_id: changes})
+
+    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
+        """The batches of several sessions in one round trip and one transaction (each all-or-nothing).
+
+        With one session its error is raised as is; with several, `JournalRefused` names the refused ones (the
+        others were written).
+        """
+        items = sorted((sid, ch) for sid, ch in batches.items() if ch)  # one lock order for every writer
+        if not items:
+            return
+        sids: list[str] = []
+        versions: list[int] = []
+        datas: list[bytes] = []
+        for sid, changes in items:
+            for c in changes:
+                sids.append(sid)
+                versions.append(c.version)
+                datas.append(encode_change(c))
+        started = time.perf_counter()
+        rows = await _run(
+            self._bridge,
+            self._pool.fetch,
+            "SELECT refused_session, reason FROM sessiond_journal_append($1::text[], $2::bigint[], $3::bytea[], $4)",
+            sids,
+            versions,
+            datas,
+            self.max_entries,
+        )
+        _APPEND_SECONDS.observe(time.perf_counter() - started)
+        errors = {r["refused_session"]: _refusal(r["refused_session"], r["reason"]) for r in rows}
+        _APPENDED.inc(sum(len(ch) for sid, ch in items if sid not in errors))
+        if not errors:
+            return
+        for exc in errors.values():
+            STORAGE_ERRORS.labels("postgres", error_kind(exc)).inc()
+        if len(items) == 1:
+            raise next(iter(errors.values()))
+        raise JournalRefused(errors)
+
+    async def read_after(self, session_id: str, version: int) -> list[Change]:
+        rows = await _run(
+            self._bridge,
+            self._pool.fetch,
+            "SELECT data FROM journal WHERE session_id = $1 AND version > $2 ORDER BY version",
+            session_id,
+            version,
+        )
+        return [decode_change(r["data"]) for r in rows]
+
+    async def trim(self, session_id: str, upto_version: int) -> None:
+        await _run(
+            self._bridge,
+            self._pool.execute,
+            "SELECT sessiond_journal_trim($1, $2, $3)",
+            session_id,
+            upto_version,
+            self.clamp_trim,
+        )
+
+    async def delete(self, session_id: str) -> None:
+        await _run(self._bridge, self._pool.execute, "SELECT sessiond_journal_delete($1)", session_id)
+
+    async def length(self, session_id: str) -> int:
+        """Entries currently held (for metrics and tests)."""
+        n = await _run(
+            self._bridge, self._pool.fetchval, "SELECT entries FROM journal_heads WHERE session_id = $1", session_id
+        )
+        return int(n or 0)
+
+
 class PostgresHealth:
     def __init__(self, bridge: Bridge, pool: asyncpg.Pool) -> None:
         self._bridge = bridge
@@ -250,6 +370,7 @@ class PostgresBackend:
     sessions: PostgresSessionStore
     snapshots: PostgresSnapshotStore
     health: PostgresHealth
+    journal: PostgresJournal
 
 
 @asynccontextmanager
@@ -261,6 +382,8 @@ async def open_postgres(
     min_size: int = 1,
     max_size: int = 10,
     command_timeout: float = COMMAND_TIMEOUT_S,
+    max_journal_entries: int = MAX_JOURNAL_ENTRIES,
+    clamp_journal_trim: bool = False,
 ) -> AsyncIterator[PostgresBackend]:
     """Migrate (by default), open a bounded pool on the bridge loop, and close it on exit."""
     if run_migrations:
@@ -292,6 +415,7 @@ async def open_postgres(
             sessions=PostgresSessionStore(bridge, pool),
             snapshots=PostgresSnapshotStore(bridge, pool),
             health=PostgresHealth(bridge, pool),
+            journal=PostgresJournal(bridge, pool, max_entries=max_journal_entries, clamp_trim=clamp_journal_trim),
         )
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_TIMEOUT_S + 1.0):

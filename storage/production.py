@@ -1,10 +1,12 @@
 """Assemble the production Storage from what is configured (DESIGN §1, §5, §9).
 
-- `redis_url`    -> Redis journal + fast snapshots (every handoff / N versions).
-- `database_url` -> PostgreSQL sessions, users and durable snapshots (migrations run on start).
+- `redis_url`    -> Redis fast snapshots (every handoff / N versions), and the journal with durability `redis`.
+- `database_url` -> PostgreSQL sessions, users and durable snapshots (migrations run on start), and the journal
+                    with durability `postgres`.
 - `amqp_url`     -> RabbitMQ events.
-Anything not configured comes from the embedded SQLite storage (sessions, snapshots) and its in-memory journal
-and event sink. All asyncio clients share one bridge (one asyncio thread), owned by this context manager.
+Anything not configured comes from the embedded SQLite storage (sessions, snapshots), the in-memory journal
+(durability `memory`) and the in-memory event sink. All asyncio clients share one bridge (one asyncio
+thread), owned by this context manager.
 
 Snapshots are always a `LayeredSnapshotStore`: `save_snapshot` writes the fast layer (Redis when configured),
 `save_durable` the durable layer (PostgreSQL, else the SQLite file); `load_snapshot` returns the newest of the two.
@@ -20,6 +22,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from storage.memory import MemoryEventSink, MemoryJournal
 from storage.ports import (
     EventSink,
     Health,
@@ -61,14 +64,25 @@ class LayeredSnapshotStore:
       failure is raised, since an older snapshot could silently lose acked changes.
     - `delete_snapshots`: both layers.
     With a single layer (`fast is durable`) every call goes to it once.
+
+    `fast_optional` (durability=postgres: the durable snapshot plus the PostgreSQL journal are always complete):
+    a fast-layer outage is survivable, so a failed fast save writes the durable layer instead and a failed fast
+    read falls back to the durable snapshot.
     """
 
-    def __init__(self, fast: SnapshotStore, durable: SnapshotStore) -> None:
+    def __init__(self, fast: SnapshotStore, durable: SnapshotStore, *, fast_optional: bool = False) -> None:
         self.fast = fast
         self.durable = durable
+        self.fast_optional = fast_optional and fast is not durable
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await self.fast.save_snapshot(snapshot)
+        try:
+            await self.fast.save_snapshot(snapshot)
+        except StorageUnavailable as exc:
+            if not self.fast_optional:
+                raise
+            log.warning("fast snapshot store unavailable; saving durably", session=snapshot.session_id, error=str(exc))
+            await self.durable.save_snapshot(snapshot)
 
     async def save_durable(self, snapshot: Snapshot) -> None:
         await self.durable.save_snapshot(snapshot)
@@ -89,7 +103,10 @@ class LayeredSnapshotStore:
             nursery.start_soon(read, "durable", self.durable)
         fast, durable = found["fast"], found["durable"]
         if isinstance(fast, StorageUnavailable):
-            raise fast
+            if not self.fast_optional or isinstance(durable, StorageUnavailable):
+                raise fast
+            log.warning("fast snapshot store unavailable; using the durable layer", session=session_id)
+            return durable
         if isinstance(durable, StorageUnavailable):
             if fast is None:
                 raise durable
@@ -105,15 +122,41 @@ class LayeredSnapshotStore:
             await self.durable.delete_snapshots(session_id)
 
 
+DURABILITY_MODES = ("memory", "redis", "postgres")
+
+
+def resolve_durability(settings: ProductionConfig, durability: str | None = None) -> str:
+    """The journal mode: the argument, else `settings.durability`, else redis with Redis configured, else memory.
+
+    Raises ValueError for an unknown mode or one whose backend is not configured.
+    """
+    mode = durability if durability is not None else getattr(settings, "durability", None)
+    if mode is None:
+        return "redis" if settings.redis_url else "memory"
+    if mode not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, not {mode!r}")
+    if mode == "redis" and not settings.redis_url:
+        raise ValueError("durability 'redis' needs a Redis URL (SESSIOND_REDIS_URL)")
+    if mode == "postgres" and not settings.database_url:
+        raise ValueError("durability 'postgres' needs a database URL (SESSIOND_DATABASE_URL)")
+    return mode
+
+
 @asynccontextmanager
 async def open_production_storage(
-    settings: ProductionConfig, *, key_prefix: str = "sessiond:"
+    settings: ProductionConfig, *, key_prefix: str = "sessiond:", durability: str | None = None
 ) -> AsyncIterator[Storage]:
-    """The Storage for `settings`; opens (and on exit closes) every backend and the shared bridge."""
+    """The Storage for `settings`; opens (and on exit closes) every backend and the shared bridge.
+
+    `durability` (else `settings.durability`) picks the journal, i.e. when an op is acked: `redis` (the Redis
+    stream), `postgres` (committed in PostgreSQL; Redis, if configured, only holds fast snapshots, and the
+    PostgreSQL journal is trimmed no further than the durable snapshot) or `memory` (in process).
+    """
+    mode = resolve_durability(settings, durability)
     async with AsyncExitStack() as stack:
         uses_bridge = bool(settings.redis_url or settings.database_url or settings.amqp_url)
         embedded: Storage | None = None
-        if not settings.database_url or not settings.redis_url or not settings.amqp_url:
+        if not settings.database_url:
             from storage.sqlite import open_sqlite_storage  # lazily: only when something falls back to it
 
             embedded = await stack.enter_async_context(open_sqlite_storage(settings.data_dir))
@@ -134,14 +177,18 @@ async def open_production_storage(
         health: list[Health] = []
         sessions: SessionStore
         durable: SnapshotStore
-        journal: Journal
+        journal: Journal = MemoryJournal()
         events: EventSink
         if settings.database_url:
             from storage.postgres import open_postgres
 
-            pg = await stack.enter_async_context(open_postgres(bridge, settings.database_url))
+            pg = await stack.enter_async_context(
+                open_postgres(bridge, settings.database_url, clamp_journal_trim=bool(settings.redis_url))
+            )
             sessions, durable = pg.sessions, pg.snapshots
             health.append(pg.health)
+            if mode == "postgres":
+                journal = pg.journal
         else:
             assert embedded is not None
             sessions, durable = embedded.sessions, embedded.snapshots
@@ -149,19 +196,19 @@ async def open_production_storage(
         if settings.redis_url:
             from storage.redis_store import open_redis
 
-            rd = await stack.enter_async_context(open_redis(bridge, settings.redis_url, prefix=key_prefix))
-            snapshots = LayeredSnapshotStore(rd.snapshots, durable)
-            journal = rd.journal
+            rd = await stack.enter_async_context(
+                open_redis(bridge, settings.redis_url, prefix=key_prefix, trim_journal_on_snapshot=mode == "redis")
+            )
+            snapshots = LayeredSnapshotStore(rd.snapshots, durable, fast_optional=mode == "postgres")
             health.append(rd.health)
+            if mode == "redis":
+                journal = rd.journal
         else:
-            assert embedded is not None
             snapshots = LayeredSnapshotStore(durable, durable)
-            journal = embedded.journal
         if settings.amqp_url:
             from storage.amqp import open_amqp_events
 
             events = await stack.enter_async_context(open_amqp_events(bridge, settings.amqp_url))
         else:
-            assert embedded is not None
-            events = embedded.events
+            events = embedded.events if embedded is not None else MemoryEventSink()
         yield Storage(sessions=sessions, snapshots=snapshots, journal=journal, events=events, health=tuple(health))

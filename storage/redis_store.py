@@ -16,6 +16,7 @@ beyond is refused with `JournalFull`, since it means snapshots stopped.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.bridge import Bridge
+from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
 from storage.ports import Change, Snapshot, StorageUnavailable
 
 T = TypeVar("T")
@@ -38,6 +40,9 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "sessiond:"
 MAX_JOURNAL_ENTRIES = 10_000
 SOCKET_TIMEOUT_S = 2.0
+
+_APPEND_SECONDS = JOURNAL_APPEND_SECONDS.labels("redis")
+_APPENDED = JOURNAL_APPENDED.labels("redis")
 
 
 class JournalFull(StorageUnavailable):
@@ -152,9 +157,12 @@ class RedisClient:
         try:
             return await self.bridge.run(_await, fn, *args)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            STORAGE_ERRORS.labels("redis", "unavailable").inc()
             raise StorageUnavailable(f"redis: {exc}") from exc
         except ResponseError as exc:
-            raise _map_error(exc) from exc
+            mapped = _map_error(exc)
+            STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
+            raise mapped from exc
 
 
 class RedisJournal:
@@ -191,12 +199,17 @@ class RedisJournal:
                     self._queue_append(pipe, sid, changes)
                 return list(await pipe.execute(raise_on_error=False))
 
+        started = time.perf_counter()
         results = await self._r.call(run)
+        _APPEND_SECONDS.observe(time.perf_counter() - started)
         errors = {
             sid: _map_error(res) for (sid, _), res in zip(items, results, strict=True) if isinstance(res, Exception)
         }
+        _APPENDED.inc(sum(len(ch) for sid, ch in items if sid not in errors))
         if not errors:
             return
+        for exc in errors.values():
+            STORAGE_ERRORS.labels("redis", error_kind(exc)).inc()
         if len(items) == 1:
             raise next(iter(errors.values()))
         raise JournalRefused(errors)

@@ -175,3 +175,13 @@ async def test_idle_connection_without_pongs_is_closed(tmp_path: Path, nursery: 
     assert closed == 1001
     await stream.aclose()
     h.running.stop()
+
+
+async def test_rest_refuses_nan_and_huge_numbers(server: Harness) -> None:
+    sid = await server.create_session()
+    async with server.rest() as http:
+        bodies = (b'{"ops":[{"op":"set","path":"/x","value":NaN}]}', b'{"ops":[{"op":"inc","path":"/x","by":1e400}]}')
+        for body in bodies:
+            r = await http.patch(f"/v1/sessions/{sid}", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400, r.text
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["version"] == 0

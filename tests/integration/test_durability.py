@@ -149,7 +149,6 @@ async def test_sigkill_keeps_acked_ops_with_redis_journal(tmp_path: Path, redis_
     await _sigkill_roundtrip(tmp_path, env)
 
 
-@pytest.mark.xfail(reason="PostgreSQL journal not wired yet", strict=True)
 async def test_sigkill_keeps_acked_ops_with_postgres_durability(tmp_path: Path, pg_url: str) -> None:
     await _sigkill_roundtrip(tmp_path, {"SESSIOND_DATABASE_URL": pg_url, "SESSIOND_DURABILITY": "postgres"})
 

@@ -91,7 +91,7 @@ def event(run_id: str, n: int, key: str) -> dict[str, Any]:
 
 async def _wait_for(predicate: Any, timeout: float) -> None:
     with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - counters change on the asyncio thread: poll them
+        while not predicate():
             await trio.sleep(0.02)
 
 

@@ -114,9 +114,7 @@ async def test_list_unknown_owner_is_empty(storage: Storage) -> None:
     assert await storage.sessions.list_sessions(uid("nobody-"), 10, None) == ([], None)
 
 
-@pytest.mark.parametrize(
-    "cursor", ["%%%", "not a cursor", base64.urlsafe_b64encode(b"garbage|x").decode(), "\xff"]
-)
+@pytest.mark.parametrize("cursor", ["%%%", "not a cursor", base64.urlsafe_b64encode(b"garbage|x").decode(), "\xff"])
 async def test_list_bad_cursor_raises_value_error(storage: Storage, cursor: str) -> None:
     with pytest.raises(ValueError):
         await storage.sessions.list_sessions(uid("u-"), 10, cursor)

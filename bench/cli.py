@@ -1,0 +1,137 @@
+"""`python -m bench <scenario>`: start the server(s), run one scenario against each, write the report.
+
+Targets: `baseline` (bench/baseline.py), `sessiond` (`sessiond serve` on free loopback ports, embedded storage, or
+Redis / PostgreSQL with --redis / --postgres), or `--url` for a server someone else runs. Server and generator are
+pinned to disjoint cores when there are two or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+from tqdm import tqdm
+
+from bench import report
+from bench.proc import cores, pin, plan_pinning, raise_fd_limit
+from bench.scenarios import SCENARIOS, Options, align_saturation
+from bench.server import ServerError, Target, running_target, url_target
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="sessiond load benchmarks (issue 4).")
+    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("--target", choices=["sessiond", "baseline", "both"], default="both")
+    p.add_argument("--sessions", type=int, help="sessions (default 100; capacity: derived from --count)")
+    p.add_argument("--devices", type=int, help="devices per session (default 3; handoff always uses 2)")
+    p.add_argument("--rate", type=float, help="ops/s per device (fanout; default 10)")
+    p.add_argument("--duration", type=float, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds before measuring (default 2)")
+    p.add_argument("--count", type=int, help="capacity: idle devices to open (default 10000)")
+    p.add_argument("--start-rate", type=float, help="saturation: first R (default 2)")
+    p.add_argument("--factor", type=float, help="saturation: R multiplier per step (default 1.5)")
+    p.add_argument("--steps", type=int, help="saturation: most steps (default 10)")
+    p.add_argument("--step-duration", type=float, help="saturation: measured seconds per step (default 4)")
+    p.add_argument("--url", help="target a running server's WebSocket URL (ws://host:port/v1/ws) instead")
+    p.add_argument("--http-url", help="with --url: its REST base URL (sessiond); without it sessions are made up")
+    p.add_argument("--jwt-secret", help="with --url: the HS256 secret of that server")
+    p.add_argument("--server-pid", type=int, help="with --url: its pid, for CPU and RSS from /proc")
+    p.add_argument("--redis", action="store_true", help="sessiond with SESSIOND_REDIS_URL=redis://127.0.0.1:6379/0")
+    p.add_argument("--postgres", action="store_true", help="sessiond with PostgreSQL (database sessiond_bench)")
+    p.add_argument("--results", type=Path, help="results folder (default bench/results/<timestamp>-<scenario>)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> Options:
+    """Options from the defaults (or --quick), overridden by the flags given."""
+    base = Options.quick() if args.quick else Options()
+    flags = {"sessions": args.sessions, "devices": args.devices, "rate": args.rate, "duration": args.duration,
+             "warmup": args.warmup, "capacity_devices": args.count, "saturation_start": args.start_rate,
+             "saturation_factor": args.factor, "saturation_steps": args.steps,
+             "saturation_step_s": args.step_duration}
+    return replace(base, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _progress(bar: tqdm) -> Any:
+    def update(done: float, total: float, info: dict[str, Any]) -> None:
+        bar.total = round(total, 1)
+        bar.n = round(done, 1)
+        bar.set_postfix(info, refresh=False)
+        bar.refresh()
+
+    return update
+
+
+async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: Path,
+                  server_cpus: set[int] | None) -> dict[str, Any]:
+    """Run the scenario against one target; a target that cannot start is reported, not raised."""
+    scenario = SCENARIOS[args.scenario]
+    with tqdm(desc=f"{args.scenario} · {name}", total=1, disable=True if args.no_progress else None,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total}{postfix}", leave=False) as bar:
+        if args.url:
+            target: Target = url_target(args.url, args.http_url, args.jwt_secret, args.server_pid, name=name)
+            return await scenario(target, opts, _progress(bar))
+        try:
+            async with running_target(name, workdir, cpus=server_cpus, redis=args.redis,
+                                      postgres=args.postgres) as target:
+                return await scenario(target, opts, _progress(bar))
+        except ServerError as exc:
+            return {"target": name, "failed": str(exc)}
+
+
+async def run(args: argparse.Namespace, opts: Options, directory: Path, argv: list[str]) -> dict[str, Any]:
+    """Run every target in turn (never at once: they would share the cores) and write the report."""
+    raise_fd_limit()
+    server_cpus, generator_cpus = (None, None) if args.no_pin else plan_pinning()
+    before = os.sched_getaffinity(0)
+    names = ["url"] if args.url else (["baseline", "sessiond"] if args.target == "both" else [args.target])
+    results: dict[str, dict[str, Any]] = {}
+    pin(0, generator_cpus)
+    try:
+        for name in names:
+            results[name] = await run_one(name, args, opts, directory, server_cpus)
+    finally:
+        pin(0, before)
+    if args.scenario == "saturation":
+        align_saturation(results)
+    return {
+        "scenario": args.scenario,
+        "command": shlex.join(["python", "-m", "bench", *argv]),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cores": len(cores()),
+                    "pinning": f"server {sorted(server_cpus)}, generator {sorted(generator_cpus)}"
+                    if server_cpus and generator_cpus else "none"},
+        "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    opts = options(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    directory = args.results or RESULTS_ROOT / f"{stamp}-{args.scenario}"
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = trio.run(run, args, opts, directory, argv)
+    table = report.write(directory, payload)
+    print(f"\n{args.scenario}: {payload['command']}\n")
+    print(table)
+    for name, result in payload["results"].items():
+        if result.get("generator_saturated"):
+            print(f"\nwarning: the load generator's CPU was saturated during the {name} run")
+    print(f"\nresults: {directory}")
+    return 1 if any("failed" in r for r in payload["results"].values()) else 0

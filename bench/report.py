@@ -1,0 +1,247 @@
+"""The end of a run: a terminal table (targets side by side, sessiond/baseline ratio), a JSON file, a Markdown
+report and PNG plots (latency distribution, throughput over time) in the results folder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+Getter = Callable[[dict[str, Any]], Any]
+# (label, getter, format, ratio wanted)
+Row = tuple[str, Getter, str, bool]
+SAMPLE_SERIES = ("delivery_ms", "ack_ms", "handoff_ms")
+
+
+def _quantile(key: str, q: str) -> Getter:
+    def get(r: dict[str, Any]) -> Any:
+        return r[key][f"{q}_ms"]
+
+    return get
+
+
+def _lat(key: str) -> list[Row]:
+    return [(f"{key} {q} ms", _quantile(key, q), "{:.2f}", True) for q in ("p50", "p90", "p99", "max")]
+
+
+def _gen(r: dict[str, Any]) -> str:
+    util = r.get("generator_cpu_util")
+    if util is None:
+        return "SATURATED" if r.get("generator_saturated") else "ok"
+    lagged = f" (lagged {r['generator_lag_events']}x)" if r.get("generator_lag_events") else ""
+    return f"{util:.0%}{' SATURATED' if r['generator_saturated'] else ''}{lagged}"
+
+
+ROWS: dict[str, list[Row]] = {
+    "fanout": [
+        ("offered ops/s", lambda r: r["offered_ops_per_s"], "{:,.0f}", False),
+        ("delivered msgs/s", lambda r: r["delivered_per_s"], "{:,.0f}", True),
+        ("delivered / offered", lambda r: r["delivered_ratio"], "{:.1%}", False),
+        *_lat("ack"), *_lat("delivery"),
+        ("errors", lambda r: r["error_count"], "{:d}", False),
+        ("server CPU util", lambda r: r["server_cpu_util"], "{:.0%}", False),
+        ("server CPU µs / delivered msg", lambda r: r["server_cpu_per_msg_us"], "{:.1f}", True),
+        ("generator CPU (one core)", _gen, "{}", False),
+        ("other processes CPU (cores)", lambda r: r["other_processes_cpu_util"], "{:.2f}", False),
+    ],
+    "saturation": [
+        ("max sustained R (ops/s/device)", lambda r: r["max_rate_per_device"], "{:g}", True),
+        ("delivered msgs/s at max", lambda r: r["max_delivered_per_s"], "{:,.0f}", True),
+        ("delivery p99 ms at max", lambda r: r["p99_at_max_ms"], "{:.2f}", True),
+        ("server CPU µs / msg at max", lambda r: r["cpu_per_msg_us_at_max"], "{:.1f}", False),
+        ("R sustained by all targets", lambda r: r["common_rate"], "{:g}", False),
+        ("server CPU µs / msg at that R", lambda r: r["cpu_per_msg_us_at_common_rate"], "{:.1f}", True),
+        ("steps run", lambda r: len(r["steps"]), "{:d}", False),
+        ("stopped by", lambda r: r["stopped_by"], "{}", False),
+        ("errors", lambda r: r["error_count"], "{:d}", False),
+        ("generator saturated", lambda r: "YES" if r["generator_saturated"] else "no", "{}", False),
+    ],
+    "capacity": [
+        ("devices connected", lambda r: r["devices_connected"], "{:,d}", False),
+        ("alive after hold", lambda r: r["devices_alive_after_hold"], "{:,d}", False),
+        ("connect rate /s", lambda r: r["connect_rate_per_s"], "{:,.0f}", True),
+        ("server CPU ms / connect", lambda r: r["server_cpu_per_connect_ms"], "{:.2f}", True),
+        ("server RSS before MiB", lambda r: r["rss_before_mb"], "{:.1f}", False),
+        ("server RSS after MiB", lambda r: r["rss_after_mb"], "{:.1f}", False),
+        ("server RSS KiB / device", lambda r: r["rss_per_device_kb"], "{:.1f}", True),
+        ("generator CPU while connecting", _gen, "{}", False),
+        ("errors", lambda r: r["error_count"], "{:d}", False),
+    ],
+    "handoff": [
+        ("handoffs", lambda r: r["handoffs"], "{:,d}", False),
+        ("handoffs/s", lambda r: r["handoffs_per_s"], "{:,.0f}", True),
+        *_lat("handoff"),
+        ("server CPU ms / handoff (incl. its ops)", lambda r: r["server_cpu_per_handoff_ms"], "{:.2f}", True),
+        ("generator CPU (one core)", _gen, "{}", False),
+        ("changes acked", lambda r: r["changes_acked"], "{:,d}", False),
+        ("lost", lambda r: r["lost"], "{:d}", False),
+        ("duplicated", lambda r: r["duplicated"], "{:d}", False),
+        ("version gaps", lambda r: r["version_gaps"], "{:d}", False),
+        ("errors", lambda r: r["error_count"], "{:d}", False),
+    ],
+}
+
+
+def _cell(result: dict[str, Any], getter: Getter, fmt: str) -> tuple[str, Any]:
+    if "failed" in result:
+        return "—", None
+    try:
+        value = getter(result)
+    except (KeyError, TypeError):
+        return "—", None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—", None
+    try:
+        return fmt.format(value), value
+    except (ValueError, TypeError):
+        return str(value), value
+
+
+def table_rows(scenario: str, results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one column per target, plus sessiond/baseline when both ran."""
+    names = list(results)
+    ratio = "sessiond" in results and "baseline" in results
+    header = ["metric", *names, *(["sessiond/baseline"] if ratio else [])]
+    rows = [["storage", *(str(results[n].get("storage", "")) for n in names), *([""] if ratio else [])]]
+    for label, getter, fmt, wants_ratio in ROWS[scenario]:
+        cells = [_cell(results[n], getter, fmt) for n in names]
+        row = [label, *(c[0] for c in cells)]
+        if ratio:
+            a, b = _cell(results["sessiond"], getter, fmt)[1], _cell(results["baseline"], getter, fmt)[1]
+            ok = wants_ratio and isinstance(a, int | float) and isinstance(b, int | float) and b
+            row.append(f"{a / b:.2f}x" if ok else "")
+        rows.append(row)
+    for n in names:
+        if "failed" in results[n]:
+            rows.append([f"{n} failed", _last_line(results[n]["failed"]), *[""] * (len(header) - 2)])
+    return header, rows
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:100] if lines else "failed"
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
+    for row in rows:
+        out.append("  ".join((c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                              strict=True))))
+    return "\n".join(out)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _strip_samples(result: dict[str, Any]) -> dict[str, Any]:
+    series = result.get("series")
+    if not series:
+        return result
+    return {**result, "series": {k: v for k, v in series.items() if k not in SAMPLE_SERIES}}
+
+
+def plot(directory: Path, scenario: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    """PNG plots for the run; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: list[str] = []
+    ok = {n: r for n, r in results.items() if "failed" not in r}
+    samples = {n: {k: r.get("series", {}).get(k) or [] for k in SAMPLE_SERIES} for n, r in ok.items()}
+    if any(any(s.values()) for s in samples.values()):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        every = [v for s in samples.values() for vs in s.values() for v in vs if v > 0]
+        lo, hi = max(min(every), 1e-3), max(every)
+        bins = [lo * (hi / lo) ** (i / 60) for i in range(61)] if hi > lo else 30
+        for name, series in samples.items():
+            for key, values in series.items():
+                if values:
+                    ax.hist(values, bins=bins, histtype="step", label=f"{name} {key.removesuffix('_ms')}")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms, log scale)")
+        ax.set_ylabel("samples")
+        ax.set_title(f"{scenario}: latency distribution")
+        ax.legend()
+        files.append(_save(fig, directory / "latency.png"))
+    if scenario == "fanout" and ok:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name, r in ok.items():
+            rates = r["series"]["deliveries_per_s"]
+            step = r["series"]["bucket_s"]
+            ax.plot([(i + 0.5) * step for i in range(len(rates))], rates, marker=".", label=f"{name} delivered/s")
+            ax.axvspan(*r["series"]["window_s"], alpha=0.08)
+        ax.set_xlabel("time (s); shaded: measured window")
+        ax.set_ylabel("messages / s")
+        ax.set_ylim(bottom=0)
+        ax.set_title("fanout: throughput over time")
+        ax.legend()
+        files.append(_save(fig, directory / "throughput.png"))
+    if scenario == "saturation" and ok:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for name, r in ok.items():
+            offered = [s["offered_deliveries_per_s"] for s in r["steps"]]
+            left.plot(offered, [s["delivered_per_s"] for s in r["steps"]], marker="o", label=name)
+            right.plot(offered, [s["delivery"]["p99_ms"] for s in r["steps"]], marker="o", label=name)
+        left.set_xlabel("offered deliveries/s")
+        left.set_ylabel("delivered msgs/s")
+        right.set_xlabel("offered deliveries/s")
+        right.set_ylabel("delivery p99 (ms)")
+        right.set_yscale("log")
+        left.legend()
+        fig.suptitle("saturation: throughput and p99 by offered load")
+        files.append(_save(fig, directory / "throughput.png"))
+    return files
+
+
+def _steps_tables(results: dict[str, dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    header = ["R", "offered deliveries/s", "delivered/s", "delivered/offered", "p99 ms", "CPU µs/msg", "generator",
+              "held"]
+    for name, r in results.items():
+        rows = [[f"{s['rate']:g}", f"{s['offered_deliveries_per_s']:,.0f}", f"{s['delivered_per_s']:,.0f}",
+                 f"{s['delivered_ratio']:.1%}", f"{s['delivery']['p99_ms']:.1f}", f"{s['server_cpu_per_msg_us']:.1f}",
+                 _gen(s), "yes" if s["sustained"] else "no"] for s in r.get("steps", [])]
+        if rows:
+            out += ["", f"### steps: {name}", "", markdown_table(header, rows)]
+    return out
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def write(directory: Path, payload: dict[str, Any]) -> str:
+    """Write results.json, the plots and report.md; return the terminal table."""
+    directory.mkdir(parents=True, exist_ok=True)
+    scenario, results = payload["scenario"], payload["results"]
+    header, rows = table_rows(scenario, results)
+    slim = {**payload, "results": {n: _strip_samples(r) for n, r in results.items()}}
+    (directory / "results.json").write_bytes(orjson.dumps(slim, option=orjson.OPT_INDENT_2,
+                                                          default=str))
+    images = plot(directory, scenario, results)
+    steps = _steps_tables(results) if scenario == "saturation" else []
+    notes = [f"- **generator CPU saturated** for `{n}`: its numbers are a floor, not the server's limit"
+             for n, r in results.items() if r.get("generator_saturated")]
+    notes += [f"- other processes used {r['other_processes_cpu_util']:.2f} cores during the `{n}` window: "
+              "latency and throughput are noisy; CPU per message is the robust figure"
+              for n, r in results.items() if (r.get("other_processes_cpu_util") or 0) > 0.2]
+    md = [f"# bench: {scenario}", "", f"`{payload['command']}`", "",
+          f"{payload['started']} · {payload['machine']['cores']} cores · pinning: {payload['machine']['pinning']}",
+          "", markdown_table(header, rows), "", *notes, *steps, "", *(f"![{i}]({i})" for i in images), ""]
+    (directory / "report.md").write_text("\n".join(md))
+    return text_table(header, rows)

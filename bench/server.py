@@ -1,0 +1,239 @@
+"""Starting, reaching and stopping the servers under test: the baseline, sessiond (embedded, Redis,
+PostgreSQL) or a URL.
+
+REST calls (session creation) are setup, never measured: they use urllib.request in worker threads
+(`trio.to_thread.run_sync`), at most a few at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import trio
+
+from bench.proc import pin
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+BENCH_DB = "sessiond_bench"
+START_TIMEOUT_S = 30.0
+
+
+class ServerError(RuntimeError):
+    """The server under test did not start, or refused the bench's setup calls."""
+
+
+@dataclass(slots=True)
+class Target:
+    """How the load generator reaches one server, and the handle to measure it."""
+
+    name: str  # "baseline" | "sessiond" | a label for --url
+    ws_url: str
+    http_url: str | None = None  # None: sessions are made up locally (the baseline creates them on hello)
+    pid: int | None = None  # for /proc CPU and RSS; None when unknown (--url without --server-pid)
+    jwt_secret: str | None = None
+    user: str = "bench"
+    info: dict[str, Any] = field(default_factory=dict)
+    _counter: int = 0
+
+    def token(self, ttl_s: int = 7200) -> str | None:
+        """An HS256 JWT for the bench user (claims sub + exp), or None when the target needs none."""
+        if self.jwt_secret is None:
+            return None
+        claims = {"sub": self.user, "exp": int(time.time()) + ttl_s}
+        return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
+
+    async def create_sessions(self, n: int, *, label: str = "s") -> list[str]:
+        """n new session ids: `POST /v1/sessions` on sessiond, fresh local names on the baseline."""
+        self._counter += 1
+        if self.http_url is None:
+            return [f"{label}{self._counter}-{i}" for i in range(n)]
+        token = self.token()
+        limiter = trio.CapacityLimiter(8)
+        ids: list[str] = [""] * n
+
+        async def one(i: int) -> None:
+            body = {"name": f"bench-{label}{self._counter}-{i}"}
+            reply = await trio.to_thread.run_sync(_post_json, f"{self.http_url}/v1/sessions", body, token,
+                                                  limiter=limiter)
+            ids[i] = str(reply["id"])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        return ids
+
+
+def _post_json(url: str, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=orjson.dumps(body), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result: dict[str, Any] = orjson.loads(response.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        raise ServerError(f"POST {url}: {exc.code} {exc.read()[:300]!r}") from exc
+
+
+def _get_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sessiond_command() -> list[str]:
+    """`sessiond serve` from this venv (next to the interpreter), else from PATH."""
+    exe = Path(sys.executable).with_name("sessiond")
+    found = str(exe) if exe.exists() else shutil.which("sessiond")
+    if found is None:
+        raise ServerError("the sessiond command is not installed")
+    return [found, "serve"]
+
+
+def sessiond_runnable() -> bool:
+    """Whether `sessiond serve` can start here (the CLI module exists); used to skip tests until it does."""
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("api.cli") is not None and bool(sessiond_command())
+    except (ServerError, ImportError):
+        return False
+
+
+async def _wait_ready(proc: trio.Process, port: int, health_url: str | None, log: Path) -> None:
+    with trio.move_on_after(START_TIMEOUT_S) as scope:
+        while True:
+            if proc.returncode is not None or proc.poll() is not None:
+                tail = (await trio.Path(log).read_text(errors="replace"))[-2000:]
+                raise ServerError(f"server exited with {proc.returncode} while starting:\n{tail}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.aclose()
+                if health_url is None or await trio.to_thread.run_sync(_get_status, health_url) == 200:
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.1)
+    if scope.cancelled_caught:
+        raise ServerError(f"server not ready on port {port} after {START_TIMEOUT_S:.0f} s (log: {log})")
+
+
+async def _stop(proc: trio.Process, grace_s: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    with trio.move_on_after(grace_s):
+        await proc.wait()
+        return
+    proc.kill()
+    await proc.wait()
+
+
+async def ensure_bench_database() -> str:
+    """Create the bench database on the local PostgreSQL if missing; returns its URL."""
+    psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc"]
+    found = await trio.run_process([*psql, f"SELECT 1 FROM pg_database WHERE datname='{BENCH_DB}'"],
+                                   capture_stdout=True, capture_stderr=True)
+    if found.stdout.strip() != b"1":
+        await trio.run_process([*psql, f"CREATE DATABASE {BENCH_DB}"], capture_stdout=True, capture_stderr=True)
+    return f"postgresql://postgres@127.0.0.1:5432/{BENCH_DB}"
+
+
+@asynccontextmanager
+async def spawned(name: str, argv: list[str], env: dict[str, str], port: int, health_url: str | None,
+                  workdir: Path, cpus: set[int] | None) -> AsyncIterator[trio.Process]:
+    """Run `argv` with its output in workdir/<name>.log, pinned to `cpus`, until the block exits."""
+    await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    with log.open("ab") as out:
+        proc = await trio.lowlevel.open_process(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+    try:
+        pin(proc.pid, cpus)
+        await _wait_ready(proc, port, health_url, log)
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(proc)
+
+
+@asynccontextmanager
+async def running_target(
+    name: str,
+    workdir: Path,
+    *,
+    cpus: set[int] | None = None,
+    redis: bool = False,
+    postgres: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> AsyncIterator[Target]:
+    """Start `baseline` or `sessiond` on free loopback ports, yield how to reach it, stop it afterwards."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIOND_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if name == "baseline":
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.baseline", "--host", "127.0.0.1", "--port", str(port)]
+        async with spawned(name, argv, env, port, None, workdir, cpus) as proc:
+            yield Target(name=name, ws_url=f"ws://127.0.0.1:{port}/v1/ws", pid=proc.pid,
+                         info={"storage": "none"})
+        return
+    if name != "sessiond":
+        raise ValueError(f"unknown target {name!r}")
+    http_port, ws_port = free_port(), free_port()
+    secret = secrets.token_urlsafe(32)
+    env.update({
+        "SESSIOND_HOST": "127.0.0.1",
+        "SESSIOND_HTTP_PORT": str(http_port),
+        "SESSIOND_WS_PORT": str(ws_port),
+        "SESSIOND_DATA_DIR": str(workdir / "sessiond-data"),
+        "SESSIOND_JWT_SECRET": secret,
+        "SESSIOND_RATE_LIMIT": "1000000/1000000",  # the bench measures cost, not the rate limiter
+        "SESSIOND_LOG_FORMAT": "json",
+        "SESSIOND_LOG_LEVEL": "warning",
+    })
+    if redis:
+        env["SESSIOND_REDIS_URL"] = REDIS_URL
+    if postgres:
+        env["SESSIOND_DATABASE_URL"] = await ensure_bench_database()
+    storage = [s for s, on in (("redis", redis), ("postgres", postgres)) if on] or ["embedded"]
+    env.update(extra_env or {})
+    http = f"http://127.0.0.1:{http_port}"
+    async with spawned(name, sessiond_command(), env, ws_port, f"{http}/healthz", workdir, cpus) as proc:
+        yield Target(name=name, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws", http_url=http, pid=proc.pid,
+                     jwt_secret=secret, info={"storage": "+".join(storage)})
+
+
+def url_target(ws_url: str, http_url: str | None, jwt_secret: str | None, pid: int | None,
+               name: str = "url") -> Target:
+    """A server someone else runs: REST and JWT secret needed for sessiond, none for a baseline."""
+    return Target(name=name, ws_url=ws_url, http_url=http_url, pid=pid, jwt_secret=jwt_secret,
+                  info={"storage": "unknown (--url)"})

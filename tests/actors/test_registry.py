@@ -1,0 +1,108 @@
+"""Registry: activation on first use (once, even when raced), retirement, creation, shutdown."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from actors.messages import ActorUnavailable, Attach, Describe, Overloaded
+from actors.registry import Registry, new_session_id
+from actors.session_actor import ActorConfig, SessionActor
+from storage.memory import memory_storage
+from storage.ports import Storage
+from tests.actors.fakes import FakeLink
+
+CONFIG = ActorConfig(mailbox_size=4, passivate_after_s=30.0, storage_timeout_s=2.0)
+
+
+async def start(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> tuple[Registry, Storage]:
+    storage = memory_storage()
+    registry = Registry(storage, config)
+    await nursery.start(registry.run)
+    return registry, storage
+
+
+def test_session_ids_are_url_safe_and_distinct() -> None:
+    ids = {new_session_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(i) == 22 and all(c.isalnum() or c in "-_" for c in i) for i in ids)
+
+
+async def test_create_session_stores_record_user_snapshot_and_event(nursery: trio.Nursery) -> None:
+    registry, storage = await start(nursery)
+    record = await registry.create_session("bob", "n", {"m": 1}, {"s": 2})
+    assert await storage.sessions.get_session(record.id) == record
+    assert (record.owner, record.status, record.version) == ("bob", "active", 0)
+    assert "bob" in storage.sessions.users  # type: ignore[attr-defined]
+    snapshot = await storage.snapshots.load_snapshot(record.id)
+    assert snapshot is not None and (snapshot.version, snapshot.state) == (0, {"s": 2})
+    key, body = storage.events.events[-1]  # type: ignore[attr-defined]
+    assert key == "session.created" and body["session"] == record.id and body["owner"] == "bob"
+
+
+async def test_concurrent_lookups_activate_once(nursery: trio.Nursery) -> None:
+    registry, _ = await start(nursery)
+    record = await registry.create_session("bob", "n", {}, {})
+    found: list[SessionActor] = []
+
+    async def lookup() -> None:
+        found.append(await registry.get(record.id))
+
+    async with trio.open_nursery() as inner:
+        for _ in range(10):
+            inner.start_soon(lookup)
+    assert len(found) == 10 and len({id(a) for a in found}) == 1
+    assert registry.live() == [found[0]]
+
+
+async def test_lookup_of_a_retiring_actor_waits_for_a_fresh_one(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry, _ = await start(nursery)
+    record = await registry.create_session("bob", "n", {}, {"n": 1})
+    first = await registry.get(record.id)
+    await trio.sleep(CONFIG.passivate_after_s + 1)
+    assert first.stopped.is_set() and registry.lookup(record.id) is None
+    second = await registry.get(record.id)
+    assert second is not first and not second.stopped.is_set()
+
+
+async def test_a_full_mailbox_is_overloaded_not_a_hang(nursery: trio.Nursery) -> None:
+    registry, _ = await start(nursery)
+    record = await registry.create_session("bob", "n", {}, {})
+    actor = await registry.get(record.id)
+    for _ in range(CONFIG.mailbox_size + 1):  # +1: the first goes straight to the actor waiting in receive()
+        actor.tell(Attach(FakeLink("a"), "web", None))
+    with pytest.raises(Overloaded):
+        actor.tell(Describe())
+    await trio.testing.wait_all_tasks_blocked()
+    assert actor.statistics()["messages_handled"] == CONFIG.mailbox_size + 1
+
+
+async def test_statistics(nursery: trio.Nursery) -> None:
+    registry, _ = await start(nursery)
+    record = await registry.create_session("bob", "n", {}, {})
+    actor = await registry.tell(record.id, Attach(FakeLink("a"), "web", None))
+    await trio.testing.wait_all_tasks_blocked()
+    stats = actor.statistics()
+    assert stats["session"] == record.id and stats["devices"] == ["a"] and stats["version"] == 0
+    assert stats["mailbox_depth"] == 0 and stats["failed"] is False
+
+
+async def test_tell_to_a_stopped_actor_is_unavailable(nursery: trio.Nursery) -> None:
+    registry, _ = await start(nursery)
+    record = await registry.create_session("bob", "n", {}, {})
+    actor = await registry.get(record.id)
+    await registry.end(record.id)
+    await actor.stopped.wait()
+    with pytest.raises(ActorUnavailable):
+        actor.tell(Describe())
+
+
+async def test_shutdown_without_actors_returns(nursery: trio.Nursery) -> None:
+    registry, _ = await start(nursery)
+    with trio.fail_after(2):
+        await registry.shutdown(1.0)
+    with pytest.raises(ActorUnavailable):
+        await registry.get("anything")

@@ -1,0 +1,439 @@
+"""SessionState, the pure decision logic of a session (DESIGN §2, §3, §5): commands in, effects out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from actors.session import (
+    REST_DEVICE,
+    Accepted,
+    Broadcast,
+    Checkpoint,
+    Close,
+    Effect,
+    Journal,
+    Publish,
+    Rejected,
+    Send,
+    SessionState,
+    Stop,
+)
+from storage.ports import Change, SessionRecord, Snapshot
+
+JSON = Any
+T = 1000.0
+
+
+def record(status: str = "active") -> SessionRecord:
+    return SessionRecord("s1", "alice", "demo", {"k": "v"}, status, 0, None, 1.0, 1.0)
+
+
+def new_state(
+    state: dict[str, JSON] | None = None, *, replay_window: int = 1000, max_state_bytes: int = 1 << 20
+) -> SessionState:
+    snap = Snapshot("s1", 0, state if state is not None else {}, "active", None)
+    return SessionState.restore(record(), snap, [], replay_window=replay_window, max_state_bytes=max_state_bytes)
+
+
+def with_devices(*devices: str, **kwargs: Any) -> SessionState:
+    s = new_state(**kwargs)
+    for device in devices:
+        s.join(device, "web", None, T)
+    s.take_effects()
+    return s
+
+
+def frames_to(effects: list[Effect], device: str) -> list[dict[str, JSON]]:
+    """The frames a device would receive from these effects (Send to it, Broadcast not excluding it)."""
+    out = []
+    for e in effects:
+        if (isinstance(e, Send) and e.device == device) or (isinstance(e, Broadcast) and e.exclude != device):
+            out.append(e.frame)
+    return out
+
+
+def sync_checkpoint_at(effects: list[Effect]) -> int:
+    return next(i for i, e in enumerate(effects) if isinstance(e, Checkpoint) and e.sync)
+
+
+def inc(path: str = "/n", by: int = 1) -> list[dict[str, JSON]]:
+    return [{"op": "inc", "path": path, "by": by}]
+
+
+# ---- changes ------------------------------------------------------------------------------------------
+
+
+def test_each_change_is_one_version_step() -> None:
+    s = with_devices("a")
+    assert s.change("a", 1, inc(), None, T) == Accepted(1)
+    assert s.change("a", 2, [*inc(), *inc("/m")], None, T) == Accepted(2)
+    assert s.change(REST_DEVICE, None, inc(), None, T + 1) == Accepted(3)
+    assert (s.version, s.state) == (3, {"n": 3, "m": 1})
+    assert s.updated_at == T + 1
+
+
+def test_change_acks_sender_and_patches_others_after_the_journal() -> None:
+    s = with_devices("a", "b")
+    ops = [{"op": "set", "path": "/x", "value": {"y": 1}}]
+    s.change("a", 7, ops, None, T)
+    effects = s.take_effects()
+    assert effects == [
+        Journal(Change(1, "a", 7, ops)),
+        Send("a", {"t": "ack", "id": 7, "version": 1}),
+        Broadcast({"t": "patch", "version": 1, "device": "a", "ops": ops}, exclude="a"),
+    ]
+    assert frames_to(effects, "b") == [{"t": "patch", "version": 1, "device": "a", "ops": ops}]
+    assert frames_to(effects, "a") == [{"t": "ack", "id": 7, "version": 1}]
+
+
+def test_journal_precedes_every_send_in_a_sequence_of_changes() -> None:
+    s = with_devices("a", "b")
+    for i in range(1, 4):
+        s.change("a" if i % 2 else "b", i, inc(), None, T)
+    effects = s.take_effects()
+    for index, effect in enumerate(effects):
+        if isinstance(effect, Send | Broadcast) and effect.frame["t"] in ("ack", "patch"):
+            version = effect.frame["version"]
+            journaled = [e.change.version for e in effects[:index] if isinstance(e, Journal)]
+            assert version in journaled
+
+
+def test_rest_change_is_not_acked_but_broadcast_to_all() -> None:
+    s = with_devices("a", "b")
+    assert s.change(REST_DEVICE, None, inc(), None, T) == Accepted(1)
+    effects = s.take_effects()
+    assert [type(e) for e in effects] == [Journal, Broadcast]
+    assert (
+        frames_to(effects, "a")
+        == frames_to(effects, "b")
+        == [{"t": "patch", "version": 1, "device": REST_DEVICE, "ops": inc()}]
+    )
+
+
+def test_retransmit_gets_the_original_ack_and_is_not_applied_again() -> None:
+    s = with_devices("a", "b")
+    s.change("a", 1, inc(), None, T)
+    s.change("b", 1, inc(), None, T)  # same id from another device is another change
+    s.take_effects()
+    assert s.change("a", 1, inc(), None, T) == Accepted(1)
+    assert s.take_effects() == [Send("a", {"t": "ack", "id": 1, "version": 1})]
+    assert (s.version, s.state) == (2, {"n": 2})
+
+
+def test_base_conflict_carries_the_current_version() -> None:
+    s = with_devices("a")
+    s.change("a", 1, inc(), None, T)
+    s.take_effects()
+    result = s.change("a", 2, inc(), 0, T)
+    assert result == Rejected("conflict", result.message, 1)
+    assert s.take_effects() == [
+        Send("a", {"t": "error", "id": 2, "code": "conflict", "message": result.message, "version": 1})
+    ]
+    assert s.change("a", 3, inc(), 1, T) == Accepted(2)
+
+
+@pytest.mark.parametrize(
+    "ops, code",
+    [
+        ([{"op": "inc", "path": "/n"}, {"op": "inc", "path": "/s"}], "invalid_op"),
+        ([{"op": "set", "path": "/s/x", "value": 1}], "invalid_op"),
+        ([{"op": "nope", "path": "/n"}], "invalid_op"),
+        ([{"op": "inc", "path": "/n", "by": 1 << 70}], "invalid_op"),  # not encodable: a REST body can carry it
+        ([{"op": "del", "path": "/n"}, {"op": "set", "path": "/big", "value": "x" * 300}], "too_large"),
+    ],
+)
+def test_rejected_changes_change_nothing(ops: list[dict[str, JSON]], code: str) -> None:
+    s = with_devices("a", "b", max_state_bytes=200)
+    s.change("a", 1, [{"op": "set", "path": "/s", "value": "str"}, *inc()], None, T)
+    s.take_effects()
+    before = (orjson.dumps(s.state), s.version, s.updated_at, orjson.dumps(s.snapshot().acked))
+    result = s.change("a", 2, ops, None, T + 5)
+    assert isinstance(result, Rejected) and result.code == code and result.version == 1
+    assert (orjson.dumps(s.state), s.version, s.updated_at, orjson.dumps(s.snapshot().acked)) == before
+    effects = s.take_effects()
+    assert len(effects) == 1 and isinstance(effects[0], Send) and effects[0].device == "a"
+    assert effects[0].frame["t"] == "error" and effects[0].frame["code"] == code and effects[0].frame["id"] == 2
+    assert s.change("a", 2, inc(), None, T) == Accepted(2)  # a refused id is not remembered as acked
+
+
+def test_rest_rejection_has_no_frames() -> None:
+    s = with_devices("a")
+    assert isinstance(s.change(REST_DEVICE, None, [{"op": "x", "path": ""}], None, T), Rejected)
+    assert s.take_effects() == []
+
+
+def test_state_limit_counts_the_whole_state_not_only_the_change() -> None:
+    s = with_devices("a", max_state_bytes=100)
+    for i in range(4):  # 4 x '"kN":"x..x",' = 93 bytes
+        assert isinstance(s.change("a", i, [{"op": "set", "path": f"/k{i}", "value": "x" * 15}], None, T), Accepted)
+    result = s.change("a", 9, [{"op": "set", "path": "/k9", "value": "x" * 15}], None, T)
+    assert isinstance(result, Rejected) and result.code == "too_large"
+    assert len(orjson.dumps(s.state)) <= 100
+    assert isinstance(s.change("a", 10, [{"op": "del", "path": "/k0"}], None, T), Accepted)
+    assert isinstance(s.change("a", 11, [{"op": "set", "path": "/k9", "value": "x" * 15}], None, T), Accepted)
+
+
+# ---- joining ------------------------------------------------------------------------------------------
+
+
+def test_join_sends_full_welcome_and_presence_to_others() -> None:
+    s = with_devices("a")
+    s.change("a", 1, inc(), None, T)
+    s.take_effects()
+    s.join("b", "ios", None, T)
+    effects = s.take_effects()
+    devices = [{"device": "a", "kind": "web"}, {"device": "b", "kind": "ios"}]
+    assert effects[0] == Send(
+        "b",
+        {
+            "t": "welcome",
+            "session": "s1",
+            "device": "b",
+            "version": 1,
+            "active": None,
+            "devices": devices,
+            "mode": "full",
+            "state": {"n": 1},
+        },
+    )
+    assert effects[1] == Broadcast({"t": "presence", "devices": devices, "active": None}, exclude="b")
+    assert effects[2] == Publish("device.joined", {"device": "b", "kind": "ios"})
+
+
+def test_welcome_state_is_a_copy_of_that_moment() -> None:
+    s = with_devices("a")
+    s.join("b", "web", None, T)
+    s.change("a", 1, [{"op": "set", "path": "/x", "value": 1}], None, T)  # same turn, after the join
+    welcome = s.take_effects()[0]
+    assert isinstance(welcome, Send) and welcome.frame["version"] == 0
+    assert welcome.frame["state"] == {}
+
+
+def test_welcome_resume_at_current_version_is_an_empty_replay() -> None:
+    s = with_devices("a")
+    for i in range(3):
+        s.change("a", i, inc(), None, T)
+    frame = s.welcome("b", 3)
+    assert (frame["mode"], frame["patches"], frame["version"]) == ("replay", [], 3)
+    assert "state" not in frame
+
+
+def test_welcome_replays_the_missing_patches() -> None:
+    s = with_devices("a", replay_window=5)
+    for i in range(1, 9):
+        s.change("a", i, inc(by=i), None, T)
+    frame = s.welcome("b", 5)
+    assert frame["mode"] == "replay"
+    assert [p["version"] for p in frame["patches"]] == [6, 7, 8]
+    assert [p["ops"] for p in frame["patches"]] == [inc(by=6), inc(by=7), inc(by=8)]
+    assert [p["version"] for p in s.welcome("b", 3)["patches"]] == [4, 5, 6, 7, 8]  # exactly the window
+
+
+@pytest.mark.parametrize("resume", [0, 2, 9, 100])
+def test_welcome_beyond_the_window_or_ahead_is_full(resume: int) -> None:
+    s = with_devices("a", replay_window=5)
+    for i in range(1, 9):
+        s.change("a", i, inc(), None, T)
+    frame = s.welcome("b", resume)
+    assert frame["mode"] == "full" and frame["state"] == {"n": 8} and frame["version"] == 8
+
+
+def test_join_with_resume_sends_replay() -> None:
+    s = with_devices("a")
+    s.change("a", 1, inc(), None, T)
+    s.change("a", 2, inc(), None, T)
+    s.take_effects()
+    s.join("b", "web", 1, T)
+    welcome = s.take_effects()[0]
+    assert isinstance(welcome, Send)
+    assert welcome.frame["mode"] == "replay" and [p["version"] for p in welcome.frame["patches"]] == [2]
+
+
+def test_leave_broadcasts_presence_once() -> None:
+    s = with_devices("a", "b")
+    s.leave("b", T)
+    assert s.take_effects() == [
+        Broadcast({"t": "presence", "devices": [{"device": "a", "kind": "web"}], "active": None}),
+        Publish("device.left", {"device": "b"}),
+    ]
+    s.leave("b", T)
+    assert s.take_effects() == []
+
+
+# ---- handoff ------------------------------------------------------------------------------------------
+
+
+def test_claim_makes_active_with_sync_checkpoint_before_the_handoff_broadcast() -> None:
+    s = with_devices("a", "b")
+    s.change("a", 1, inc(), None, T)
+    s.take_effects()
+    assert s.claim("b", 5, T) == Accepted(1, "b")
+    effects = s.take_effects()
+    assert (s.active, s.status) == ("b", "active")
+    checkpoint = sync_checkpoint_at(effects)
+    handoff = effects.index(Broadcast({"t": "handoff", "active": "b", "version": 1}))
+    assert checkpoint < handoff
+    assert Send("b", {"t": "ack", "id": 5, "version": 1}) in effects
+    assert Publish("session.handoff", {"from": None, "to": "b", "version": 1}) in effects
+
+
+def test_rest_handoff_has_no_ack() -> None:
+    s = with_devices("a")
+    assert s.claim("a", None, T) == Accepted(0, "a")
+    assert not any(isinstance(e, Send) for e in s.take_effects())
+
+
+def test_pause_only_by_the_active_device() -> None:
+    s = with_devices("a", "b")
+    s.claim("a", 1, T)
+    s.take_effects()
+    result = s.pause("b", 2, T)
+    assert isinstance(result, Rejected) and result.code == "conflict"
+    assert (s.active, s.status) == ("a", "active")
+    assert [type(e) for e in s.take_effects()] == [Send]
+    assert s.pause("a", 3, T) == Accepted(0, None)
+    assert (s.active, s.status) == (None, "paused")
+    effects = s.take_effects()
+    assert sync_checkpoint_at(effects) < effects.index(Broadcast({"t": "handoff", "active": None, "version": 0}))
+    assert Send("a", {"t": "ack", "id": 3, "version": 0}) in effects
+
+
+def test_pause_when_none_is_active_is_allowed() -> None:
+    s = with_devices("a")
+    assert s.pause("a", 1, T) == Accepted(0, None)
+    assert s.status == "paused"
+    assert s.claim("a", 2, T) == Accepted(0, "a")
+    assert s.status == "active"
+
+
+def test_changes_are_accepted_while_paused() -> None:
+    s = with_devices("a")
+    s.pause("a", 1, T)
+    assert s.change("a", 2, inc(), None, T) == Accepted(1)
+
+
+# ---- ending -------------------------------------------------------------------------------------------
+
+
+def test_end_broadcasts_ended_closes_4010_and_stops() -> None:
+    s = with_devices("a", "b")
+    s.end(T)
+    effects = s.take_effects()
+    assert s.status == "ended"
+    assert effects[0] == Broadcast({"t": "ended"})
+    assert effects[1] == Close(4010, "session ended")
+    assert isinstance(effects[-1], Stop)
+    for request in (
+        lambda: s.change("a", 1, inc(), None, T),
+        lambda: s.claim("a", 2, T),
+        lambda: s.pause("a", 3, T),
+    ):
+        result = request()
+        assert isinstance(result, Rejected) and result.code == "not_found"
+    assert s.status == "ended" and s.version == 0
+
+
+# ---- snapshots and restore ----------------------------------------------------------------------------
+
+
+def _journal(effects: list[Effect]) -> list[Change]:
+    return [e.change for e in effects if isinstance(e, Journal)]
+
+
+def _same(a: SessionState, b: SessionState) -> None:
+    assert orjson.dumps(a.state) == orjson.dumps(b.state)
+    assert (a.version, a.status, a.active) == (b.version, b.status, b.active)
+    assert a.acked == b.acked
+    assert list(a.replay)[-len(b.replay) :] == list(b.replay) or not b.replay
+
+
+def test_snapshot_is_a_deep_copy() -> None:
+    s = with_devices("a")
+    s.change("a", 1, [{"op": "set", "path": "/x", "value": {"y": [1]}}], None, T)
+    snap = s.snapshot()
+    s.change("a", 2, [{"op": "set", "path": "/x/z", "value": 2}], None, T)
+    s.state["x"]["y"].append(2)
+    assert snap.state == {"x": {"y": [1]}} and snap.version == 1
+    assert snap.acked == {"a": [[1, 1]]}
+
+
+@pytest.mark.parametrize("snap_at", [0, 2, 4, 6])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_restore_from_snapshot_and_journal_equals_live(snap_at: int, overlap: bool) -> None:
+    s = with_devices("a", "b")
+    s.claim("b", 100, T)  # handoff is not journaled: its sync Checkpoint makes every later snapshot carry it
+    journal: list[Change] = []
+    snapshots = {0: s.snapshot()}
+    for i in range(1, 7):
+        device = "a" if i % 2 else "b"
+        s.change(device, i, [*inc(), {"op": "set", "path": f"/k{i}", "value": {"i": i}}], None, T)
+        journal += _journal(s.take_effects())
+        snapshots[i] = s.snapshot()
+    snap = snapshots[snap_at]
+    after = journal if overlap else [c for c in journal if c.version > snap.version]
+    restored = SessionState.restore(s.record(), snap, after)
+    _same(s, restored)
+    assert restored.checkpointed_version == snap_at
+    # The restored state answers a retransmit exactly like the live one.
+    assert restored.change("a", 5, inc(), None, T) == Accepted(5)
+    assert restored.version == 6
+
+
+def test_restore_does_not_alter_the_snapshot_it_was_given() -> None:
+    """A store may hand back the same Snapshot object twice (MemorySnapshotStore does): replaying the
+    journal onto it in place would apply those changes twice on the next restore."""
+    snap = Snapshot("s1", 0, {"n": 0}, "active", None)
+    journal = [Change(1, "a", 1, inc()), Change(2, "a", 2, inc())]
+    first = SessionState.restore(record(), snap, journal)
+    first.change("a", 3, inc(), None, T)
+    second = SessionState.restore(record(), snap, journal)
+    assert snap.state == {"n": 0}
+    assert (second.state, second.version) == ({"n": 2}, 2)
+
+
+def test_restore_of_an_ended_record_stays_ended() -> None:
+    s = SessionState.restore(record("ended"), Snapshot("s1", 0, {}, "active", None), [])
+    assert s.status == "ended"
+
+
+def test_restore_keeps_the_replay_window_bounded() -> None:
+    journal = [Change(v, "a", v, inc()) for v in range(1, 21)]
+    s = SessionState.restore(record(), None, journal, replay_window=5)
+    assert s.version == 20 and s.state == {"n": 20}
+    assert [p["version"] for p in s.replay] == [16, 17, 18, 19, 20]
+    assert s.welcome("b", 14)["mode"] == "full"
+    assert s.welcome("b", 15)["mode"] == "replay"
+
+
+def test_replay_is_bounded_even_when_built_directly() -> None:
+    s = SessionState("s1", "o", "n", {}, "active", {}, 0, None, 0.0, 0.0, replay_window=3)
+    for i in range(10):
+        s.change("a", i, inc(), None, T)
+    assert len(s.replay) == 3
+
+
+def test_describe_and_record() -> None:
+    s = with_devices("a")
+    s.change("a", 1, inc(), None, T)
+    described = s.describe()
+    assert described["version"] == 1 and described["state"] == {"n": 1}
+    assert described["devices"] == [{"device": "a", "kind": "web"}]
+    assert s.record().version == 1 and s.record().owner == "alice"
+
+
+def test_acked_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import actors.session as session
+
+    monkeypatch.setattr(session, "ACKED_PER_DEVICE", 3)
+    monkeypatch.setattr(session, "ACKED_DEVICES", 2)
+    s = new_state()
+    for i in range(5):
+        s.change("a", i, inc(), None, T)
+    assert list(s.acked["a"]) == [2, 3, 4]
+    s.change("b", 0, inc(), None, T)
+    s.change("a", 5, inc(), None, T)  # a becomes the most recent
+    s.change("c", 0, inc(), None, T)
+    assert list(s.acked) == ["a", "c"]

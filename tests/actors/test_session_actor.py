@@ -1,0 +1,449 @@
+"""The SessionActor runtime with in-memory storage and FakeLinks: turns, group commit, supervision,
+passivation, shutdown and backpressure (DESIGN §5)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from actors.messages import (
+    ActorUnavailable,
+    Attach,
+    ChangeRequest,
+    ClaimRequest,
+    Crash,
+    Detach,
+    PauseRequest,
+    RestChange,
+    Shutdown,
+)
+from actors.registry import Registry
+from actors.session import Accepted
+from actors.session_actor import ActorConfig, SessionActor
+from storage.memory import MemoryEventSink, MemorySessionStore, MemorySnapshotStore
+from storage.ports import Storage
+from tests.actors.fakes import CountingJournal, FakeLink, Replica
+
+JSON = Any
+CONFIG = ActorConfig(
+    mailbox_size=64,
+    replay_window=10,
+    passivate_after_s=30.0,
+    checkpoint_every_versions=1000,
+    checkpoint_every_s=5.0,
+    max_restarts=3,
+    restart_window_s=60.0,
+    storage_timeout_s=2.0,
+)
+
+
+def inc(by: int = 1) -> list[dict[str, JSON]]:
+    return [{"op": "inc", "path": "/n", "by": by}]
+
+
+class Env:
+    def __init__(self, registry: Registry, storage: Storage, journal: CountingJournal) -> None:
+        self.registry = registry
+        self.storage = storage
+        self.journal = journal
+
+    async def session(self, state: dict[str, JSON] | None = None) -> str:
+        record = await self.registry.create_session("alice", "demo", {}, state if state is not None else {})
+        return record.id
+
+    async def attach(self, sid: str, link: FakeLink, resume: int | None = None) -> SessionActor:
+        actor = await self.registry.tell(sid, Attach(link, "web", resume))
+        await settle()
+        return actor
+
+    async def state(self, sid: str) -> dict[str, JSON]:
+        described: dict[str, JSON] = orjson.loads(await self.registry.describe(sid))
+        return described
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def make_env_storage(journal: CountingJournal) -> Storage:
+    return Storage(MemorySessionStore(), MemorySnapshotStore(), journal, MemoryEventSink())
+
+
+async def start_env(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> Env:
+    journal = CountingJournal()
+    storage = make_env_storage(journal)
+    registry = Registry(storage, config)
+    await nursery.start(registry.run)
+    return Env(registry, storage, journal)
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
+    yield await start_env(nursery)
+
+
+def replay(link: FakeLink) -> Replica:
+    replica = Replica(link.device)
+    for frame in link.frames:
+        replica.receive(frame)
+    return replica
+
+
+# ---- activation and sync ------------------------------------------------------------------------------
+
+
+async def test_activation_loads_the_session_from_storage(env: Env) -> None:
+    sid = await env.session({"n": 41})
+    assert env.registry.lookup(sid) is None
+    described = await env.state(sid)
+    assert (described["state"], described["version"], described["owner"]) == ({"n": 41}, 0, "alice")
+    actor = env.registry.lookup(sid)
+    assert actor is not None and await env.registry.get(sid) is actor
+
+
+async def test_unknown_session_is_not_found(env: Env) -> None:
+    with pytest.raises(LookupError):
+        await env.registry.get("nope")
+    assert env.registry.lookup("nope") is None
+
+
+async def test_two_links_stay_in_sync(env: Env) -> None:
+    sid = await env.session({"n": 0})
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, a)
+    await env.attach(sid, b)
+    ra, rb = Replica("a"), Replica("b")
+    for op_id in range(1, 4):
+        ra.send(op_id, inc(op_id))
+        actor.tell(ChangeRequest(a, op_id, inc(op_id), None))
+        await settle()
+    rb.send(1, [{"op": "set", "path": "/b", "value": True}])
+    actor.tell(ChangeRequest(b, 1, [{"op": "set", "path": "/b", "value": True}], None))
+    await settle()
+    for link, replica in ((a, ra), (b, rb)):
+        for frame in link.frames:
+            replica.receive(frame)
+        assert (replica.state, replica.version) == ({"n": 6, "b": True}, 4)
+    assert [f["id"] for f in a.of("ack")] == [1, 2, 3]
+    assert [f["version"] for f in b.of("patch")] == [1, 2, 3]
+    assert b.of("presence") == []  # b joined last: its welcome lists the devices
+    assert a.of("presence")[-1]["devices"] == [{"device": "a", "kind": "web"}, {"device": "b", "kind": "web"}]
+
+
+async def test_frames_from_a_link_that_is_not_attached_are_ignored(env: Env) -> None:
+    sid = await env.session()
+    a, stranger = FakeLink("a"), FakeLink("x")
+    actor = await env.attach(sid, a)
+    actor.tell(ChangeRequest(stranger, 1, inc(), None))
+    actor.tell(PauseRequest(stranger, 2))
+    actor.tell(ClaimRequest(stranger, 3))
+    await settle()
+    described = await env.state(sid)
+    assert (described["version"], described["active"], described["status"]) == (0, None, "active")
+    assert stranger.frames == []
+
+
+async def test_group_commit_one_journal_write_per_turn(env: Env) -> None:
+    sid = await env.session()
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    env.journal.appends.clear()
+    for op_id in range(1, 6):
+        actor.tell(ChangeRequest(a, op_id, inc(), None))  # all queued before the actor runs
+    await settle()
+    assert [[c.version for c in batch] for batch in env.journal.appends] == [[1, 2, 3, 4, 5]]
+    assert [f["version"] for f in a.of("ack")] == [1, 2, 3, 4, 5]
+
+
+async def test_acks_leave_only_after_the_journal_write(env: Env) -> None:
+    sid = await env.session()
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    gate = trio.Event()
+    inner_append = env.journal.append
+
+    async def slow_append(session_id: str, changes: Any) -> None:
+        await gate.wait()
+        await inner_append(session_id, changes)
+
+    env.journal.append = slow_append  # type: ignore[method-assign]
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    await settle()
+    assert a.of("ack") == []
+    gate.set()
+    await settle()
+    assert a.of("ack") == [{"t": "ack", "id": 1, "version": 1}]
+
+
+# ---- REST through the registry ------------------------------------------------------------------------
+
+
+async def test_rest_change_handoff_describe_end(env: Env) -> None:
+    sid = await env.session({"n": 1})
+    a = FakeLink("a")
+    await env.attach(sid, a)
+    assert await env.registry.change(sid, inc(2), None) == Accepted(1)
+    conflict = await env.registry.change(sid, inc(), 0)
+    assert (conflict.code, conflict.version) == ("conflict", 1)
+    assert await env.registry.handoff(sid, "a") == Accepted(1, "a")
+    described = await env.state(sid)
+    assert (described["state"], described["version"], described["active"]) == ({"n": 3}, 1, "a")
+    assert described["devices"] == [{"device": "a", "kind": "web"}]
+    snapshot = await env.storage.snapshots.load_snapshot(sid)
+    assert snapshot is not None and snapshot.active == "a"  # the handoff checkpoint was written
+    assert a.of("patch")[0]["device"] == "@rest"
+    assert a.of("handoff") == [{"t": "handoff", "active": "a", "version": 1}]
+
+    await env.registry.end(sid)
+    await settle()
+    assert a.frames[-1] == {"t": "ended"}
+    assert a.closed is not None and a.closed[0] == 4010
+    record = await env.storage.sessions.get_session(sid)
+    assert record is not None and record.status == "ended"
+    assert await env.storage.snapshots.load_snapshot(sid) is None
+    assert await env.storage.journal.read_after(sid, 0) == []
+    with pytest.raises(LookupError):
+        await env.registry.get(sid)
+    events = [key for key, _ in env.storage.events.events]  # type: ignore[attr-defined]
+    assert events[0] == "session.created" and "session.handoff" in events and events[-1] == "session.ended"
+
+
+async def test_pause_and_claim_over_the_wire(env: Env) -> None:
+    sid = await env.session()
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, a)
+    await env.attach(sid, b)
+    actor.tell(ClaimRequest(a, 1))
+    actor.tell(PauseRequest(b, 1))  # not the active device
+    actor.tell(PauseRequest(a, 2))
+    await settle()
+    assert a.of("ack") == [{"t": "ack", "id": 1, "version": 0}, {"t": "ack", "id": 2, "version": 0}]
+    assert b.of("error")[0]["code"] == "conflict"
+    assert [f["active"] for f in b.of("handoff")] == ["a", None]
+    described = await env.state(sid)
+    assert (described["status"], described["active"]) == ("paused", None)
+
+
+# ---- supervision --------------------------------------------------------------------------------------
+
+
+async def test_crash_restarts_from_snapshot_and_journal(env: Env) -> None:
+    sid, other = await env.session({"n": 0}), await env.session({"o": 1})
+    a, b, c = FakeLink("a"), FakeLink("b"), FakeLink("c")
+    actor = await env.attach(sid, a)
+    await env.attach(sid, b)
+    other_actor = await env.attach(other, c)
+    for op_id in range(1, 4):
+        actor.tell(ChangeRequest(a, op_id, inc(), None))
+        await settle()
+    await env.registry.handoff(sid, "b")  # a snapshot at version 3
+    actor.tell(ChangeRequest(a, 4, inc(10), None))
+    await settle()
+    acked = a.of("ack")[-1]["version"]
+    actor.tell(Crash())
+    await settle()
+    assert env.registry.lookup(sid) is actor and not actor.failed
+    described = await env.state(sid)
+    assert (described["state"], described["version"], described["active"]) == ({"n": 13}, acked, "b")
+    for link in (a, b):
+        assert link.resyncs == 1
+        assert link.queue[0]["t"] == "welcome" and link.queue[0]["mode"] == "full"
+        assert link.queue[0]["state"] == {"n": 13} and link.queue[0]["version"] == 4
+    assert c.resyncs == 0 and env.registry.lookup(other) is other_actor
+    assert (await env.state(other))["state"] == {"o": 1}
+    # The restarted actor keeps serving, remembers acked ids, and keeps the order.
+    actor.tell(ChangeRequest(a, 4, inc(10), None))
+    actor.tell(ChangeRequest(a, 5, inc(), None))
+    await settle()
+    assert a.of("ack")[-2:] == [{"t": "ack", "id": 4, "version": 4}, {"t": "ack", "id": 5, "version": 5}]
+    assert replay(b).state == {"n": 14}
+    assert [key for key, _ in env.storage.events.events].count("actor.crashed") == 1  # type: ignore[attr-defined]
+
+
+async def test_crash_twice_without_a_checkpoint_replays_the_journal_once(env: Env) -> None:
+    """Restore must not replay the journal onto the stored snapshot object itself (memory storage
+    hands back the same object): the next restart would apply those changes a second time."""
+    sid = await env.session({"n": 0})
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    for op_id in range(1, 4):
+        actor.tell(ChangeRequest(a, op_id, inc(), None))
+    await settle()
+    for _ in range(2):
+        actor.tell(Crash())
+        await settle()
+        described = await env.state(sid)
+        assert (described["state"], described["version"]) == ({"n": 3}, 3)
+
+
+async def test_restart_budget_spent_closes_links_with_1011(nursery: trio.Nursery) -> None:
+    env = await start_env(nursery, ActorConfig(max_restarts=2, restart_window_s=60.0))
+    sid = await env.session()
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    for _ in range(2):
+        actor.tell(Crash())
+        await settle()
+        assert a.closed is None
+    actor.tell(Crash())
+    await settle()
+    assert actor.failed and actor.stopped.is_set()
+    assert a.closed is not None and a.closed[0] == 1011
+    assert env.registry.lookup(sid) is None
+
+
+# ---- passivation and shutdown -------------------------------------------------------------------------
+
+
+async def test_idle_actor_passivates_with_a_final_checkpoint(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start_env(nursery)
+    sid = await env.session({"n": 0})
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    actor.tell(Detach(a))
+    await trio.sleep(1)
+    assert env.registry.lookup(sid) is actor
+    with trio.fail_after(CONFIG.passivate_after_s + 10):
+        await actor.stopped.wait()
+    assert env.registry.lookup(sid) is None
+    snapshot = await env.storage.snapshots.load_snapshot(sid)
+    assert snapshot is not None and (snapshot.version, snapshot.state) == (1, {"n": 1})
+    described = await env.state(sid)  # re-activates
+    assert (described["state"], described["version"]) == ({"n": 1}, 1)
+    assert env.registry.lookup(sid) is not actor
+
+
+async def test_actor_with_devices_does_not_passivate(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start_env(nursery)
+    sid = await env.session()
+    actor = await env.attach(sid, FakeLink("a"))
+    await trio.sleep(CONFIG.passivate_after_s * 5)
+    assert env.registry.lookup(sid) is actor and not actor.stopped.is_set()
+
+
+async def test_periodic_checkpoint(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    env = await start_env(nursery)
+    sid = await env.session()
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    await trio.sleep(CONFIG.checkpoint_every_s + 1)
+    snapshot = await env.storage.snapshots.load_snapshot(sid)
+    assert snapshot is not None and snapshot.version == 1
+    assert await env.storage.journal.read_after(sid, 0) == []  # trimmed
+
+
+async def test_shutdown_checkpoints_and_closes_1001(nursery: trio.Nursery) -> None:
+    env = await start_env(nursery)
+    sid1, sid2 = await env.session(), await env.session()
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid1, a)
+    await env.attach(sid2, b)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    await settle()
+    await env.registry.shutdown(5.0)
+    assert a.closed is not None and a.closed[0] == 1001
+    assert b.closed is not None and b.closed[0] == 1001
+    snapshot = await env.storage.snapshots.load_snapshot(sid1)
+    assert snapshot is not None and snapshot.version == 1
+    assert env.registry.live() == []
+    with pytest.raises(Exception, match="shutting down"):
+        await env.registry.get(sid1)
+
+
+# ---- backpressure and replacement ---------------------------------------------------------------------
+
+
+async def test_slow_consumer_gets_one_resync_then_4008(env: Env) -> None:
+    sid = await env.session({"n": 0})
+    slow = FakeLink("slow", limit=2)
+    await env.attach(sid, slow)  # queue: [welcome]
+    await env.registry.change(sid, inc(), None)  # queue: [welcome, patch 1]
+    await env.registry.change(sid, inc(), None)  # overflow: replaced by one fresh welcome
+    assert slow.resyncs == 1 and slow.resyncing and slow.closed is None
+    assert [(f["t"], f["version"]) for f in slow.queue] == [("welcome", 2)]
+    assert slow.queue[0]["mode"] == "full" and slow.queue[0]["state"] == {"n": 2}
+    await env.registry.change(sid, inc(), None)  # fits: [welcome, patch 3]
+    await env.registry.change(sid, inc(), None)  # overflows again before the welcome was written
+    assert slow.closed is not None and slow.closed[0] == 4008
+    assert replay(slow).version == 3
+
+
+async def test_slow_consumer_that_caught_up_is_resynced_again_not_closed(env: Env) -> None:
+    sid = await env.session({"n": 0})
+    slow = FakeLink("slow", limit=1)
+    await env.attach(sid, slow)
+    await env.registry.change(sid, inc(), None)
+    assert slow.resyncs == 1
+    slow.flush()  # the welcome was written
+    await env.registry.change(sid, inc(), None)
+    await env.registry.change(sid, inc(), None)
+    assert slow.resyncs == 2 and slow.closed is None
+    assert replay(slow).state == {"n": 3}
+
+
+async def test_replaced_link_is_closed_4009(env: Env) -> None:
+    sid = await env.session()
+    old, new, other = FakeLink("a"), FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, old)
+    await env.attach(sid, other)
+    await env.attach(sid, new)
+    assert old.closed is not None and old.closed[0] == 4009
+    assert new.of("welcome") and new.closed is None
+    actor.tell(Detach(old))  # the old connection's goodbye must not remove the new one
+    actor.tell(ChangeRequest(old, 1, inc(), None))  # nor may it still write
+    await settle()
+    described = await env.state(sid)
+    assert [d["device"] for d in described["devices"]] == ["a", "b"] and described["version"] == 0
+    await env.registry.change(sid, inc(), None)
+    assert new.of("patch") and not old.of("patch")
+
+
+# ---- regressions: per-turn delivery rules and shutdown -------------------------------------------------
+
+
+async def test_a_device_attached_in_a_turn_sees_nothing_before_its_welcome(env: Env) -> None:
+    sid = await env.session({"n": 0})
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, a)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    actor.tell(Attach(b, "web", None))  # same turn, after the change
+    await settle()
+    assert b.frames[0]["t"] == "welcome"
+    assert b.of("patch") == []
+
+
+async def test_resync_in_a_group_commit_turn_sends_no_stale_patches(env: Env) -> None:
+    sid = await env.session({"n": 0})
+    a, slow = FakeLink("a"), FakeLink("slow", limit=3)
+    actor = await env.attach(sid, a)
+    await env.attach(sid, slow)  # [welcome 0]
+    await env.registry.change(sid, inc(), None)  # [welcome 0, patch 1]
+    for op_id in range(1, 4):  # one turn: versions 2, 3, 4; patch 2 fits, patch 3 overflows
+        actor.tell(ChangeRequest(a, op_id, inc(), None))
+    await settle()
+    assert slow.resyncs == 1
+    replica = replay(slow)  # raises on a patch that is not the next version
+    assert replica.version == 4
+
+
+async def test_asks_queued_behind_a_shutdown_are_failed_at_once(env: Env) -> None:
+    sid = await env.session()
+    actor = await env.registry.get(sid)
+    shutdown, change = Shutdown(), RestChange(inc(), None)
+    actor.tell(shutdown)
+    actor.tell(change)  # same turn, after the Shutdown
+    with trio.fail_after(1):
+        await shutdown.reply.wait()
+        with pytest.raises(ActorUnavailable):
+            await change.reply.wait()

@@ -1,0 +1,107 @@
+"""Seconds-long smoke runs of every bench scenario through the CLI (`python -m bench <scenario> --quick`).
+
+They assert that a run completes, writes its report and reports sane numbers; never a speed threshold.
+The sessiond variants run once `sessiond serve` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bench.proc import process_cpu_s, process_rss_bytes
+from bench.server import sessiond_runnable
+from bench.stats import Latency, percentile
+
+SESSIOND = pytest.param(
+    "sessiond",
+    marks=pytest.mark.skipif(not sessiond_runnable(), reason="sessiond server not built yet"),
+)
+TARGETS = ["baseline", SESSIOND]
+TOLERATED: set[str] = set()
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def run_bench(scenario: str, target: str, results: Path, *extra: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "bench", scenario, "--quick", "--target", target, "--results", str(results),
+            "--no-progress", *extra]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                  cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, output
+    assert "results:" in output
+    assert (results / "report.md").exists()
+    payload = json.loads((results / "results.json").read_text())
+    assert payload["scenario"] == scenario
+    result: dict[str, Any] = payload["results"][target]
+    assert "failed" not in result, result
+    assert set(result["errors"]) <= TOLERATED, result["errors"]
+    return result
+
+
+def sane_latency(summary: dict[str, float]) -> None:
+    assert summary["count"] > 0
+    assert 0 < summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+async def test_fanout(target: str, tmp_path: Path) -> None:
+    r = await run_bench("fanout", target, tmp_path)
+    assert r["delivered_per_s"] > 0
+    assert r["offered_ops_per_s"] > 0
+    assert 0.5 < r["delivered_ratio"] <= 1.0
+    sane_latency(r["ack"])
+    sane_latency(r["delivery"])
+    assert r["server_cpu_per_msg_us"] > 0 and math.isfinite(r["server_cpu_per_msg_us"])
+    assert 0 <= r["generator_cpu_util"] < 2
+    assert (tmp_path / "latency.png").exists() and (tmp_path / "throughput.png").exists()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+async def test_saturation(target: str, tmp_path: Path) -> None:
+    r = await run_bench("saturation", target, tmp_path)
+    assert 1 <= len(r["steps"]) <= 3
+    assert r["max_rate_per_device"] >= 0
+    assert all(step["delivered_per_s"] > 0 for step in r["steps"])
+    assert r["stopped_by"] in {"limit reached", "max steps"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+async def test_capacity(target: str, tmp_path: Path) -> None:
+    r = await run_bench("capacity", target, tmp_path, "--count", "150")
+    assert r["devices_connected"] == 150
+    assert r["devices_alive_after_hold"] == 150
+    assert r["connect_rate_per_s"] > 0
+    assert r["rss_after_mb"] > 0 and math.isfinite(r["rss_per_device_kb"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+async def test_handoff(target: str, tmp_path: Path) -> None:
+    r = await run_bench("handoff", target, tmp_path)
+    assert r["handoffs"] > 0
+    assert r["changes_acked"] > 0
+    assert (r["lost"], r["duplicated"], r["version_gaps"]) == (0, 0, 0)
+    sane_latency(r["handoff"])
+
+
+def test_percentile_and_summary() -> None:
+    assert percentile([], 50) != percentile([], 50)  # nan
+    values = list(range(1, 101))
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50, 99, 100)
+    lat = Latency()
+    for ns in (1_000_000, 2_000_000, 3_000_000):
+        lat.add(ns)
+    assert lat.summary()["p50_ms"] == 2.0 and lat.summary()["max_ms"] == 3.0
+
+
+def test_proc_readers_on_self() -> None:
+    import os
+
+    assert process_cpu_s(os.getpid()) > 0
+    assert process_rss_bytes(os.getpid()) > 1 << 20
