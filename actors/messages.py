@@ -108,6 +108,7 @@ class ChangeRequest:
     op_id: int
     ops: list[dict[str, JSON]]
     base: int | None
+    size: int | None = None  # the frame's length: an upper bound of the ops' size
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from storage.ports import Change, SessionRecord, Snapshot
 JSON = Any
 REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id, so never mistaken for one
 ACKED_PER_DEVICE = 512  # op ids remembered per device for idempotent retransmits
+ACKED_IN_SNAPSHOT = 64  # per device: enough for the retransmits of one reconnect; the journal holds the rest
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
 
 
@@ -203,7 +205,10 @@ class SessionState:
             state=orjson.loads(orjson.dumps(self.state)),
             status=self.status,
             active=self.active,
-            acked={d: [[i, v] for i, v in ids.items()] for d, ids in self.acked.items()},
+            acked={
+                device: [[i, v] for i, v in reversed(list(islice(reversed(ids.items()), ACKED_IN_SNAPSHOT)))]
+                for device, ids in self.acked.items()
+            },
         )
 
     def record(self) -> SessionRecord:
@@ -278,9 +283,18 @@ class SessionState:
     # ---- changes ------------------------------------------------------------------------------
 
     def change(
-        self, device: str, op_id: int | None, ops: list[dict[str, JSON]], base: int | None, now: float
+        self,
+        device: str,
+        op_id: int | None,
+        ops: list[dict[str, JSON]],
+        base: int | None,
+        now: float,
+        size_hint: int | None = None,
     ) -> Result:
-        """Apply one change atomically (a WebSocket `op` when op_id is set, else REST PATCH)."""
+        """Apply one change atomically (a WebSocket `op` when op_id is set, else REST PATCH).
+
+        `size_hint`: an upper bound of the ops' encoded size (the frame's length), saving an encode here.
+        """
         if self.status == "ended":
             return self._reject(device, op_id, Rejected("not_found", "session ended"))
         if op_id is not None:
@@ -293,14 +307,19 @@ class SessionState:
             return self._reject(
                 device, op_id, Rejected("conflict", f"base {base} is not the current version", self.version)
             )
+        if size_hint is None:
+            try:
+                size_hint = len(orjson.dumps(ops))
+            except TypeError as exc:  # e.g. an integer beyond 64 bits: storable nowhere
+                return self._reject(device, op_id, Rejected("invalid_op", str(exc), self.version))
+        estimate = self.approx_bytes + size_hint
         try:
-            added = len(orjson.dumps(ops))
-        except TypeError as exc:  # e.g. an integer beyond 64 bits from a REST body: storable nowhere
-            return self._reject(device, op_id, Rejected("invalid_op", str(exc), self.version))
-        try:
-            apply_ops(self.state, ops, self._size_check(added))
+            # The running estimate only grows; only when it crosses the limit do we measure exactly.
+            apply_ops(self.state, ops, self._size_check if estimate > self.max_state_bytes else None)
         except InvalidOp as exc:
             return self._reject(device, op_id, Rejected(exc.code, str(exc), self.version))
+        if estimate <= self.max_state_bytes:
+            self.approx_bytes = estimate  # otherwise _size_check has just measured it exactly
         self.version += 1
         self.updated_at = now
         if op_id is not None:
@@ -313,17 +332,11 @@ class SessionState:
         self.effects.append(Broadcast(patch, exclude=device))
         return Accepted(self.version)
 
-    def _size_check(self, added: int) -> Any:
-        def check(state: dict[str, JSON]) -> None:
-            # Cheap running estimate; only when it crosses the limit do we measure exactly.
-            estimate = self.approx_bytes + added
-            if estimate > self.max_state_bytes:
-                estimate = len(orjson.dumps(state))
-                if estimate > self.max_state_bytes:
-                    raise TooLarge(f"state would exceed {self.max_state_bytes} bytes")
-            self.approx_bytes = estimate
-
-        return check
+    def _size_check(self, state: dict[str, JSON]) -> None:
+        size = len(orjson.dumps(state))
+        if size > self.max_state_bytes:
+            raise TooLarge(f"state would exceed {self.max_state_bytes} bytes")
+        self.approx_bytes = size
 
     # ---- handoff --------------------------------------------------------------------------------
 

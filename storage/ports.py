@@ -97,6 +97,9 @@ async def save_durable(store: SnapshotStore, snapshot: Snapshot) -> None:
 
 
 class Journal(Protocol):
+    """The per-session change log. Implementations bound their own I/O time (socket / command timeouts) and
+    raise StorageUnavailable when it runs out: the actor awaits `append` on every turn without a timeout of its own."""
+
     async def append(self, session_id: str, changes: Sequence[Change]) -> None:
         """Durably add changes in order (one round trip for the whole batch)."""
         ...

@@ -318,6 +318,15 @@ def _encode_msgpack(frame: dict[str, JSON]) -> bytes:
     return msgpack.packb(frame, use_bin_type=True)
 
 
+def encode(frame: dict[str, JSON], subprotocol: str) -> str | bytes:
+    """One server frame in the connection's format: JSON text or msgpack bytes."""
+    if subprotocol == JSON_SUBPROTOCOL:
+        return _encode_json(frame)
+    if subprotocol == MSGPACK_SUBPROTOCOL:
+        return _encode_msgpack(frame)
+    raise ValueError(f"unknown subprotocol {subprotocol!r}")
+
+
 class Encoded:
     """One server→client frame, encoded lazily and at most once per format, shared by every recipient.
 

@@ -252,6 +252,7 @@ class WebSocketServer:
     async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: SessionActor, watch: _Watch) -> None:
         cfg = self.config
         bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
+        hot = metrics.HOT
         while True:
             try:
                 data = await ws.get_message()
@@ -259,7 +260,7 @@ class WebSocketServer:
                 return
             now = trio.current_time()
             watch.last_seen = now
-            metrics.FRAMES_IN.inc()
+            hot.frames_in += 1
             if len(data) > cfg.max_frame_bytes or (
                 isinstance(data, str) and len(data) * 4 > cfg.max_frame_bytes and _utf8_len(data) > cfg.max_frame_bytes
             ):
@@ -276,7 +277,7 @@ class WebSocketServer:
                 continue
             message: Message
             if isinstance(frame, Op):
-                message = ChangeRequest(conn, frame.id, frame.ops, frame.base)
+                message = ChangeRequest(conn, frame.id, frame.ops, frame.base, len(data))
             elif isinstance(frame, Pause):
                 message = PauseRequest(conn, frame.id)
             elif isinstance(frame, Claim):
