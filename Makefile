@@ -34,11 +34,12 @@ services:
 test: venv
 	@lint=0; \
 	echo "+ ruff check ."; $(BIN)/ruff check . || lint=1; \
+	echo "+ mypy $(TYPED)"; $(BIN)/mypy $(TYPED) || lint=1; \
 	echo "+ scripts/services.sh ensure"; scripts/services.sh ensure || exit 1; \
 	echo "+ pytest -q $(PYTEST_ARGS)"; \
 	timeout -s INT -k 30 $(TEST_TIMEOUT) $(BIN)/pytest -q -o faulthandler_timeout=$(HANG_DUMP) $(PYTEST_ARGS) \
 		|| exit $$?; \
-	if [ $$lint -ne 0 ]; then echo "make test: tests passed but ruff check failed (see above)" >&2; fi; \
+	if [ $$lint -ne 0 ]; then echo "make test: tests passed but ruff or mypy failed (see above)" >&2; fi; \
 	exit $$lint
 
 lint: venv
