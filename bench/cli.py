@@ -48,6 +48,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-pid", type=int, help="with --url: its pid, for CPU and RSS from /proc")
     p.add_argument("--redis", action="store_true", help="sessiond with SESSIOND_REDIS_URL=redis://127.0.0.1:6379/0")
     p.add_argument("--postgres", action="store_true", help="sessiond with PostgreSQL (database sessiond_bench)")
+    p.add_argument("--durability", choices=["memory", "redis", "postgres"],
+                   help="SESSIOND_DURABILITY for sessiond (postgres implies --postgres)")
     p.add_argument("--results", type=Path, help="results folder (default bench/results/<timestamp>-<scenario>)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
@@ -85,8 +87,10 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
             target: Target = url_target(args.url, args.http_url, args.jwt_secret, args.server_pid, name=name)
             return await scenario(target, opts, _progress(bar))
         try:
-            async with running_target(name, workdir, cpus=server_cpus, redis=args.redis,
-                                      postgres=args.postgres) as target:
+            extra = {"SESSIOND_DURABILITY": args.durability} if args.durability else {}
+            async with running_target(name, workdir, cpus=server_cpus, redis=args.redis or args.durability == "redis",
+                                      postgres=args.postgres or args.durability == "postgres",
+                                      extra_env=extra) as target:
                 return await scenario(target, opts, _progress(bar))
         except ServerError as exc:
             return {"target": name, "failed": str(exc)}

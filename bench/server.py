@@ -222,10 +222,13 @@ async def running_target(
     })
     if redis:
         env["SESSIOND_REDIS_URL"] = REDIS_URL
+        env["SESSIOND_REDIS_PREFIX"] = f"sessiond-bench-{secrets.token_hex(4)}:"  # never mixes with other runs
     if postgres:
         env["SESSIOND_DATABASE_URL"] = await ensure_bench_database()
-    storage = [s for s, on in (("redis", redis), ("postgres", postgres)) if on] or ["embedded"]
     env.update(extra_env or {})
+    storage = [s for s, on in (("redis", redis), ("postgres", postgres)) if on] or ["embedded"]
+    if env.get("SESSIOND_DURABILITY"):
+        storage.append(f"durability={env['SESSIOND_DURABILITY']}")
     http = f"http://127.0.0.1:{http_port}"
     async with spawned(name, sessiond_command(), env, ws_port, f"{http}/healthz", workdir, cpus) as proc:
         yield Target(name=name, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws", http_url=http, pid=proc.pid,

@@ -17,11 +17,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 import trio
 
+from storage.batching import BatchingJournal, ManyJournal
 from storage.memory import MemoryEventSink, MemoryJournal
 from storage.ports import (
     EventSink,
@@ -211,4 +212,11 @@ async def open_production_storage(
             events = await stack.enter_async_context(open_amqp_events(bridge, settings.amqp_url))
         else:
             events = embedded.events if embedded is not None else MemoryEventSink()
+        if mode in ("redis", "postgres"):
+            # Cross-session group commit: one round trip for every actor waiting (storage/batching.py).
+            batching = BatchingJournal(cast(ManyJournal, journal))
+            tasks = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(tasks.cancel_scope.cancel)  # runs first on exit: stop the flusher, then close the nursery
+            tasks.start_soon(batching.run)
+            journal = batching
         yield Storage(sessions=sessions, snapshots=snapshots, journal=journal, events=events, health=tuple(health))

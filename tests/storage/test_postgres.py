@@ -220,7 +220,9 @@ async def test_open_production_storage_uses_configured_backends(dsn: str, tmp_pa
     prefix = f"sessiond-test-{uuid.uuid4().hex[:10]}:"
     settings = Settings(redis_url="redis://127.0.0.1:6379/0", database_url=dsn, data_dir=tmp_path)
     async with open_production_storage(settings, key_prefix=prefix) as storage:
-        assert isinstance(storage.journal, RedisJournal)
+        from storage.batching import BatchingJournal
+
+        assert isinstance(storage.journal, BatchingJournal) and isinstance(storage.journal.inner, RedisJournal)
         assert isinstance(storage.snapshots, LayeredSnapshotStore)
         for h in storage.health:
             await h.ping()

@@ -93,6 +93,13 @@ async def test_bad_combination_refused_before_opening_anything(tmp_path: Path) -
     assert not (tmp_path / "x").exists()
 
 
+def unbatched(journal: object) -> object:
+    """The journal behind the cross-session batcher (redis and postgres modes)."""
+    from storage.batching import BatchingJournal
+
+    return journal.inner if isinstance(journal, BatchingJournal) else journal
+
+
 @pytest.mark.parametrize(
     ("redis", "postgres", "durability", "journal"),
     [
@@ -116,7 +123,7 @@ async def test_each_mode_picks_its_journal(
 ) -> None:
     config = Config(tmp_path, redis_url=redis_url if redis else None, database_url=pg_url if postgres else None)
     async with open_production_storage(config, key_prefix=redis_prefix, durability=durability) as storage:
-        assert type(storage.journal) is journal
+        assert type(unbatched(storage.journal)) is journal
         s = sid()
         await storage.journal.append(s, changes(1, 2))
         assert await storage.journal.read_after(s, 1) == changes(2, 2)
@@ -125,7 +132,7 @@ async def test_each_mode_picks_its_journal(
     # The field on the settings object is read as well.
     config = Config(tmp_path, redis_url=redis_url, database_url=pg_url, durability="postgres")
     async with open_production_storage(config, key_prefix=redis_prefix) as storage:
-        assert isinstance(storage.journal, PostgresJournal)
+        assert isinstance(unbatched(storage.journal), PostgresJournal)
 
 
 # --- the PostgreSQL journal -----------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""Cross-session group commit: concurrent appends share one round trip; failures reach the right callers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from storage.batching import BatchingJournal
+from storage.memory import MemoryJournal
+from storage.ports import Change, StorageUnavailable
+
+
+class Refused(RuntimeError):
+    def __init__(self, errors: Mapping[str, Exception]) -> None:
+        super().__init__("refused")
+        self.errors = dict(errors)
+
+
+class CountingJournal(MemoryJournal):
+    """A MemoryJournal with append_many that counts round trips and can fail on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+        self.fail: Exception | None = None
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
+        self.calls.append(sorted(batches))
+        await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        for sid, changes in batches.items():
+            await self.append(sid, changes)
+
+
+def change(v: int) -> list[Change]:
+    return [Change(v, "d", v, [{"op": "set", "path": "/v", "value": v}])]
+
+
+async def test_waiting_appends_share_one_round_trip(nursery: trio.Nursery) -> None:
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    nursery.start_soon(journal.run)
+    inner.gate = trio.Event()  # hold the first flush so the others queue up behind it
+    async with trio.open_nursery() as appenders:
+        appenders.start_soon(journal.append, "s0", change(1))
+        await trio.testing.wait_all_tasks_blocked()  # its flush is in flight, held at the gate
+        for i in range(1, 20):
+            appenders.start_soon(journal.append, f"s{i}", change(1))
+        await trio.testing.wait_all_tasks_blocked()
+        inner.gate.set()
+    assert len(inner.calls) == 2 and len(inner.calls[0]) == 1 and len(inner.calls[1]) == 19
+    assert [c.version for c in await journal.read_after("s7", 0)] == [1]
+
+
+async def test_refusals_reach_only_their_sessions(nursery: trio.Nursery) -> None:
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    nursery.start_soon(journal.run)
+    inner.fail = Refused({"bad": StorageUnavailable("journal full")})
+    results: dict[str, str] = {}
+
+    async def append(sid: str) -> None:
+        try:
+            await journal.append(sid, change(1))
+            results[sid] = "ok"
+        except StorageUnavailable:
+            results[sid] = "refused"
+
+    inner.gate = trio.Event()
+    async with trio.open_nursery() as appenders:
+        appenders.start_soon(append, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        appenders.start_soon(append, "bad")
+        appenders.start_soon(append, "good")
+        await trio.testing.wait_all_tasks_blocked()
+        inner.gate.set()
+    assert results == {"first": "ok", "bad": "refused", "good": "ok"}
+
+
+async def test_an_outage_fails_every_waiter_and_the_next_flush_works(nursery: trio.Nursery) -> None:
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    nursery.start_soon(journal.run)
+    inner.fail = StorageUnavailable("redis down")
+    with pytest.raises(StorageUnavailable):
+        await journal.append("s", change(1))
+    inner.fail = None
+    await journal.append("s", change(1))
+    assert [c.version for c in await journal.read_after("s", 0)] == [1]
