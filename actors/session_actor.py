@@ -7,6 +7,7 @@ write (group commit) before any ack or patch of the turn leaves.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from actors.session import (
     Stop,
 )
 from actors.supervisor import Directive, RestartBudget
-from storage.ports import Storage, StorageUnavailable, save_durable
+from storage.ports import SessionRecord, Snapshot, Storage, StorageUnavailable, save_durable
 
 TURN_MAX = 256
 STORAGE_RETRY_MAX_S = 10.0
@@ -129,7 +130,11 @@ class SessionActor:
         self._fast_version = 0
         self._timer_wake = trio.Event()
         self._timer_armed = False
+        # Each actor's own period (±10 %): sessions started together must not all checkpoint in the same instant.
+        self._checkpoint_period = config.checkpoint_every_s * random.uniform(0.9, 1.1)
         self._joined_this_turn: set[str] = set()  # devices whose welcome is in this turn's effects
+        self._tasks: trio.Nursery | None = None  # background checkpoint writes and the timer live here
+        self._checkpoint_busy: trio.Event | None = None  # set while a background checkpoint is being written
         self._inflight: list[Reply] = []
         self._log = log.bind(session=session_id)
 
@@ -256,6 +261,7 @@ class SessionActor:
         """The mailbox loop, with a companion timer task: no cancel scope per message on the hot path."""
         try:
             async with trio.open_nursery() as nursery:
+                self._tasks = nursery
                 nursery.start_soon(self._timer)
                 await self._serve_mailbox()
                 nursery.cancel_scope.cancel()
@@ -263,6 +269,9 @@ class SessionActor:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+        finally:
+            self._tasks = None
+            self._checkpoint_busy = None
 
     async def _serve_mailbox(self) -> None:
         while True:
@@ -284,7 +293,7 @@ class SessionActor:
         due = self._last_activity + self.config.passivate_after_s
         self._timer_armed = self.state.version != self.state.checkpointed_version
         if self._timer_armed:
-            due = min(due, self._last_checkpoint_clock + self.config.checkpoint_every_s)
+            due = min(due, self._last_checkpoint_clock + self._checkpoint_period)
         return due
 
     async def _timer(self) -> None:
@@ -311,9 +320,9 @@ class SessionActor:
         assert self.state is not None
         now = trio.current_time()
         if self.state.version != self.state.checkpointed_version and (
-            now - self._last_checkpoint_clock >= self.config.checkpoint_every_s
+            now - self._last_checkpoint_clock >= self._checkpoint_period
         ):
-            await self._checkpoint("timer")
+            self._checkpoint_soon("timer")
         idle = now - self._last_activity >= self.config.passivate_after_s
         if idle and await self._passivate("idle"):
             return True
@@ -415,7 +424,7 @@ class SessionActor:
             return True
         if passivate and await self._passivate("memory"):
             return True
-        await self._checkpoint_by_policy()
+        self._checkpoint_by_policy()
         if tick:
             if await self._on_timer():
                 return True
@@ -524,18 +533,46 @@ class SessionActor:
     async def _checkpoint(
         self, reason: str, *, durable: bool = True, force: bool = False, raise_errors: bool = False
     ) -> None:
-        """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers.
+        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown."""
+        if self._checkpoint_busy is not None:
+            await self._checkpoint_busy.wait()  # never two writes of one session at once
+        taken = self._take_checkpoint(durable, force)
+        if taken is not None:
+            await self._write_checkpoint(*taken, durable=durable, reason=reason, raise_errors=raise_errors)
 
-        Failures are counted and retried by the timer; a handoff's snapshot raises instead, since its
-        frame must not go out before the snapshot is stored.
-        """
+    def _checkpoint_soon(self, reason: str, *, durable: bool = True) -> None:
+        """Periodic checkpoints: the snapshot is taken now, written by a background task while the actor
+        goes on serving (a slow disk or database must not stall acks); at most one in flight."""
+        if self._checkpoint_busy is not None or self._tasks is None:
+            return
+        taken = self._take_checkpoint(durable, force=False)
+        if taken is None:
+            return
+        done = self._checkpoint_busy = trio.Event()
+
+        async def write() -> None:
+            try:
+                await self._write_checkpoint(*taken, durable=durable, reason=reason, raise_errors=False)
+            finally:
+                self._checkpoint_busy = None
+                done.set()
+
+        self._tasks.start_soon(write)
+
+    def _take_checkpoint(self, durable: bool, force: bool) -> tuple[Snapshot, SessionRecord] | None:
         state = self.state
         assert state is not None
         done = state.checkpointed_version if durable else self._fast_version
         if not force and state.version == done:
-            return
-        snapshot = state.snapshot()
-        record = state.record()
+            return None
+        if durable:
+            self._last_checkpoint_clock = trio.current_time()  # the attempt: a failure is retried a period later
+        return state.snapshot(), state.record()
+
+    async def _write_checkpoint(
+        self, snapshot: Snapshot, record: SessionRecord, *, durable: bool, reason: str, raise_errors: bool
+    ) -> None:
+        """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers."""
         started = time.perf_counter()
         try:
             with trio.fail_after(self.config.storage_timeout_s):
@@ -548,26 +585,25 @@ class SessionActor:
         except (StorageUnavailable, trio.TooSlowError) as exc:
             metrics.CHECKPOINT_FAILURES.inc()
             self._log.warning("checkpoint failed", reason=reason, error=str(exc) or type(exc).__name__)
-            self._last_checkpoint_clock = trio.current_time()
             if raise_errors:
                 raise
             return
         metrics.CHECKPOINT_SECONDS.labels("durable" if durable else "fast").observe(time.perf_counter() - started)
         self._fast_version = max(self._fast_version, snapshot.version)
         if durable:
-            state.checkpointed_version = snapshot.version
+            assert self.state is not None
+            self.state.checkpointed_version = max(self.state.checkpointed_version, snapshot.version)
             self.last_checkpoint_at = time.time()
-            self._last_checkpoint_clock = trio.current_time()
 
-    async def _checkpoint_by_policy(self) -> None:
+    def _checkpoint_by_policy(self) -> None:
         """Fast snapshot every N versions (tiered stores), durable checkpoint every M versions."""
         state = self.state
         assert state is not None
         if state.version - state.checkpointed_version >= self.config.checkpoint_every_versions:
-            await self._checkpoint("versions")
+            self._checkpoint_soon("versions")
         every = self.config.fast_snapshot_every_versions
         if every is not None and state.version - self._fast_version >= every:
-            await self._checkpoint("versions", durable=False)
+            self._checkpoint_soon("versions", durable=False)
 
     async def _end_storage(self) -> None:
         assert self.state is not None

@@ -6,6 +6,7 @@ one failing handler would otherwise tear down `serve_websocket` and every other 
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -332,14 +333,16 @@ class _Watch:
         self._exp_changed.set()
 
     async def keepalive(self) -> None:
+        # A random phase per connection: devices that connected together are not all pinged in one burst.
+        await trio.sleep(random.uniform(0, self.config.ping_interval_s))
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.sleep(self.config.ping_interval_s)
                 if trio.current_time() - self.last_seen >= self.config.idle_timeout_s:
                     metrics.CLOSES.labels("1001").inc()
                     self.conn.close(1001, "idle timeout")
                     return
                 nursery.start_soon(self._ping)
+                await trio.sleep(self.config.ping_interval_s)
 
     async def _ping(self) -> None:
         try:
