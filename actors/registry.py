@@ -145,13 +145,30 @@ class Registry:
     # ---- conveniences for transport and api ---------------------------------------------------
 
     async def tell(self, session_id: str, message: Message) -> SessionActor:
-        actor = await self.get(session_id)
-        actor.tell(message)
-        return actor
+        """Deliver to the session's actor, activating it; retried once if that actor was just retiring."""
+        for attempt in range(2):
+            actor = await self.get(session_id)
+            try:
+                actor.tell(message)
+                return actor
+            except ActorUnavailable:
+                if attempt or not actor.stopping:
+                    raise
+        raise AssertionError("unreachable")
 
     async def ask(self, session_id: str, message: Any, timeout_s: float = 10.0) -> Any:
-        actor = await self.get(session_id)
-        return await actor.ask(message, timeout_s)
+        await self.tell(session_id, message)
+        return await message.reply.wait(timeout_s)
+
+    async def owner_of(self, session_id: str) -> str | None:
+        """The owner of a live (not ended) session, without activating it; None when there is none."""
+        actor = self._actors.get(session_id)
+        if actor is not None and actor.state is not None:
+            return actor.state.owner if actor.state.status != "ended" else None
+        record = await self.storage.sessions.get_session(session_id)
+        if record is None or record.status == "ended":
+            return None
+        return record.owner
 
     async def create_session(
         self, owner: str, name: str, metadata: dict[str, JSON], state: dict[str, JSON]

@@ -122,6 +122,7 @@ class SessionActor:
         self.stopped = trio.Event()
         self.failed = False
         self.degraded = False  # storage is down: reloading; device requests are refused with `unavailable`
+        self.stopping = False  # retired: takes no new messages (the registry activates a successor)
         self.handled = 0
         self.started_at = time.time()
         self.last_checkpoint_at: float | None = None
@@ -334,11 +335,17 @@ class SessionActor:
         """Stop if no device is connected and nothing waits: final checkpoint first. True when stopped."""
         if self.links or self._recv.statistics().current_buffer_used:
             return False
-        self._on_retire(self)  # no new messages can reach us from here on
+        self._retire()
         await self._checkpoint("passivate", force=True)
         metrics.PASSIVATIONS.labels(reason).inc()
         self._log.info("passivated", reason=reason)
         return True
+
+    def _retire(self) -> None:
+        """From here on no message reaches us: `tell` fails fast and the registry hands out a successor."""
+        self.stopping = True
+        self._send.close()
+        self._on_retire(self)
 
     @property
     def idle_since(self) -> float:
@@ -418,7 +425,7 @@ class SessionActor:
             for link in self.links.values():
                 link.close(1001, "server shutting down")
             shutdown.reply.set(None)
-            self._on_retire(self)
+            self._retire()
             return True
         if stop:
             return True

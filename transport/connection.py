@@ -18,6 +18,7 @@ from transport import codec, metrics
 
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 256 * 1024
+CLOSE_GRACE_S = 2.0
 
 
 def encode_for(out: Outgoing, subprotocol: str) -> str | bytes:
@@ -71,8 +72,11 @@ class Connection:
         self._wake()
 
     def close(self, code: int, reason: str) -> None:
+        """Flush what is queued, then close with `code`. A peer that does not read (its writes block) is cut
+        anyway after CLOSE_GRACE_S: the deadline cancels the connection's tasks, reader included."""
         if self.close_request is None:
             self.close_request = (code, reason)
+            self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + CLOSE_GRACE_S)
             self._wake()
 
     # ---- the writer task ----------------------------------------------------------------------

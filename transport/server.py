@@ -22,7 +22,6 @@ from actors.messages import (
     ChangeRequest,
     ClaimRequest,
     Detach,
-    Message,
     Overloaded,
     PauseRequest,
 )
@@ -41,6 +40,10 @@ CLOSE_FORBIDDEN = 4003
 CLOSE_NOT_FOUND = 4004
 CLOSE_PROTOCOL = 1002
 CLOSE_TRY_LATER = 1013
+CLOSE_POLICY = 1008
+MAX_ERRORS_IN_A_ROW = 100  # a peer that only sends garbage is cut instead of being answered forever
+CHEAP_ID_MAX_BYTES = 1024  # a rate-limited frame is decoded for its id only when it is this small
+_HANDLED: Any = object()
 
 
 class VerifiedToken(Protocol):
@@ -172,16 +175,16 @@ class WebSocketServer:
             await self._refuse(ws, subprotocol, "unauthorized", _message(exc), CLOSE_UNAUTHORIZED)
             return
         try:
-            actor = await self.registry.get(hello.session)
-        except SessionNotFound:
+            # Ownership first, from the record: a stranger's token never activates (or loads) a session.
+            owner = await self.registry.owner_of(hello.session)
+        except Exception as exc:
+            log.warning("session lookup failed", session=hello.session, error=str(exc))
+            await self._refuse(ws, subprotocol, "unavailable", "session unavailable, retry later", CLOSE_TRY_LATER)
+            return
+        if owner is None:
             await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
             return
-        except Exception as exc:
-            log.warning("session activation failed", session=hello.session, error=str(exc))
-            await self._refuse(ws, subprotocol, "internal", "session unavailable, retry later", CLOSE_TRY_LATER)
-            return
-        state = actor.state
-        if state is None or state.owner != claims.sub:
+        if owner != claims.sub:
             await self._refuse(ws, subprotocol, "forbidden", "not your session", CLOSE_FORBIDDEN)
             return
         structlog.contextvars.bind_contextvars(session=hello.session, device=hello.device)
@@ -189,9 +192,17 @@ class WebSocketServer:
             await self.on_user(claims.sub)
         conn = Connection(ws, hello.device, subprotocol, self.config.send_queue_frames)
         try:
-            actor.tell(Attach(conn, hello.kind, hello.resume))
-        except (Overloaded, ActorUnavailable) as exc:
+            # get + tell without a checkpoint in between; a actor that retired meanwhile is replaced once.
+            actor = await self.registry.tell(hello.session, Attach(conn, hello.kind, hello.resume))
+        except SessionNotFound:
+            await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
+            return
+        except Overloaded as exc:
             await self._refuse(ws, subprotocol, "rate_limited", str(exc), CLOSE_TRY_LATER)
+            return
+        except Exception as exc:  # ActorUnavailable, StorageUnavailable while activating
+            log.warning("session activation failed", session=hello.session, error=str(exc))
+            await self._refuse(ws, subprotocol, "unavailable", "session unavailable, retry later", CLOSE_TRY_LATER)
             return
         metrics.CONNECTS.labels("ok").inc()
         metrics.CONNECTIONS.inc()
@@ -254,62 +265,77 @@ class WebSocketServer:
         cfg = self.config
         bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
         hot = metrics.HOT
-        while True:
+        errors_in_a_row = 0
+        while conn.close_request is None:  # once closing (expired token, eviction...) nothing more is taken
             try:
                 data = await ws.get_message()
             except ConnectionClosed:
                 return
+            if conn.close_request is not None:
+                return
             now = trio.current_time()
             watch.last_seen = now
             hot.frames_in += 1
-            if len(data) > cfg.max_frame_bytes or (
-                isinstance(data, str) and len(data) * 4 > cfg.max_frame_bytes and _utf8_len(data) > cfg.max_frame_bytes
-            ):
-                self._error(conn, "too_large", f"frame larger than {cfg.max_frame_bytes} bytes")
-                continue
-            try:
-                frame = codec.decode(data, conn.subprotocol)
-            except ProtocolError as exc:
-                self._error(conn, exc.code, exc.message, exc.id)
-                continue
-            op_id = getattr(frame, "id", None)
+            # The bucket is charged before any parsing: a flood costs us a counter, not a decode.
             if not bucket.allow(now):
-                self._error(conn, "rate_limited", f"more than {cfg.rate_per_s:g} frames/s", op_id)
+                self._error(conn, "rate_limited", f"more than {cfg.rate_per_s:g} frames/s", _cheap_id(data))
                 continue
-            message: Message
-            if isinstance(frame, Op):
-                message = ChangeRequest(conn, frame.id, frame.ops, frame.base, len(data))
-            elif isinstance(frame, Pause):
-                message = PauseRequest(conn, frame.id)
-            elif isinstance(frame, Claim):
-                message = ClaimRequest(conn, frame.id)
-            elif isinstance(frame, Auth):
-                self._refresh(conn, watch, frame.token)
+            message = self._message_for(conn, watch, data)
+            if message is None:
+                errors_in_a_row += 1
+                if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                    metrics.CLOSES.labels(str(CLOSE_POLICY)).inc()
+                    conn.close(CLOSE_POLICY, "too many bad frames")
                 continue
-            else:
-                self._error(conn, "bad_frame", "already joined: hello only once per connection")
+            errors_in_a_row = 0
+            if message is _HANDLED:
                 continue
             try:
                 actor.tell(message)
             except Overloaded:
-                self._error(conn, "rate_limited", "session busy, retry shortly", op_id)
+                self._error(conn, "rate_limited", "session busy, retry shortly", message.op_id)
             except ActorUnavailable as exc:
-                self._error(conn, "unavailable", str(exc), op_id)
-                if actor.stopped.is_set():
-                    conn.close(CLOSE_TRY_LATER, "session unavailable")
+                self._error(conn, "unavailable", str(exc), message.op_id)
+                if actor.stopping or actor.stopped.is_set():
+                    conn.close(CLOSE_TRY_LATER, "session unavailable, reconnect")
 
-    def _refresh(self, conn: Connection, watch: _Watch, token: str) -> None:
-        """In-band token refresh: same subject, new expiry (DESIGN §3 `auth`)."""
+    def _message_for(self, conn: Connection, watch: _Watch, data: str | bytes) -> Any:
+        """The actor message for one frame; `_HANDLED` when answered here; None after an error frame."""
+        cfg = self.config
+        if len(data) > cfg.max_frame_bytes or (
+            isinstance(data, str) and len(data) * 4 > cfg.max_frame_bytes and _utf8_len(data) > cfg.max_frame_bytes
+        ):
+            self._error(conn, "too_large", f"frame larger than {cfg.max_frame_bytes} bytes")
+            return None
+        try:
+            frame = codec.decode(data, conn.subprotocol)
+        except ProtocolError as exc:
+            self._error(conn, exc.code, exc.message, exc.id)
+            return None
+        if isinstance(frame, Op):
+            return ChangeRequest(conn, frame.id, frame.ops, frame.base, len(data))
+        if isinstance(frame, Pause):
+            return PauseRequest(conn, frame.id)
+        if isinstance(frame, Claim):
+            return ClaimRequest(conn, frame.id)
+        if isinstance(frame, Auth):
+            return _HANDLED if self._refresh(conn, watch, frame.token) else None
+        self._error(conn, "bad_frame", "already joined: hello only once per connection")
+        return None
+
+    def _refresh(self, conn: Connection, watch: _Watch, token: str) -> bool:
+        """In-band token refresh: same subject, new expiry (DESIGN §3 `auth`). False after an error frame."""
         try:
             claims = self.verifier.verify(token)
         except Exception as exc:
             self._error(conn, "unauthorized", _message(exc))
-            return
+            return False
         if claims.sub != watch.sub:
             self._error(conn, "forbidden", "a refreshed token must name the same user")
-            return
+            return False
         watch.extend(claims.exp)
         conn.send_nowait(codec.Encoded({"t": "authed", "exp": claims.exp}))
+        return True
 
     def _error(self, conn: Connection, code: str, message: str, op_id: int | None = None) -> None:
         metrics.ERRORS.labels(code).inc()
@@ -327,6 +353,7 @@ class _Watch:
         self.last_seen = trio.current_time()
         self._exp = exp
         self._exp_changed = trio.Event()
+        self._pinging = False
 
     def extend(self, exp: float) -> None:
         self._exp = exp
@@ -341,15 +368,21 @@ class _Watch:
                     metrics.CLOSES.labels("1001").inc()
                     self.conn.close(1001, "idle timeout")
                     return
-                nursery.start_soon(self._ping)
+                if not self._pinging:
+                    nursery.start_soon(self._ping)
                 await trio.sleep(self.config.ping_interval_s)
 
     async def _ping(self) -> None:
+        """One ping in flight at most; an unanswered one is abandoned at the idle timeout."""
+        self._pinging = True
         try:
-            await self.ws.ping()
-            self.last_seen = trio.current_time()
+            with trio.move_on_after(self.config.idle_timeout_s):
+                await self.ws.ping()
+                self.last_seen = trio.current_time()
         except (ConnectionClosed, ValueError):
             pass
+        finally:
+            self._pinging = False
 
     async def expiry(self) -> None:
         while True:
@@ -362,6 +395,18 @@ class _Watch:
             with trio.move_on_after(remaining):
                 await self._exp_changed.wait()
                 self._exp_changed = trio.Event()
+
+
+def _cheap_id(data: str | bytes) -> int | None:
+    """The id of a small refused frame, so the client can fail that request; large ones are not parsed."""
+    if len(data) > CHEAP_ID_MAX_BYTES:
+        return None
+    try:
+        frame = codec.decode(data, codec.JSON_SUBPROTOCOL if isinstance(data, str) else codec.MSGPACK_SUBPROTOCOL)
+    except (ProtocolError, ValueError):
+        return None
+    op_id = getattr(frame, "id", None)
+    return op_id if isinstance(op_id, int) else None
 
 
 def _utf8_len(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -185,3 +186,45 @@ async def test_rest_refuses_nan_and_huge_numbers(server: Harness) -> None:
             r = await http.patch(f"/v1/sessions/{sid}", content=body, headers={"content-type": "application/json"})
             assert r.status_code == 400, r.text
         assert (await http.get(f"/v1/sessions/{sid}")).json()["version"] == 0
+
+
+async def test_a_peer_that_never_reads_is_cut_and_cannot_write_after_expiry(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Review finding: a close used to wait behind a blocked write forever, and the reader kept going."""
+    import socket
+
+    import orjson
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    h = await start_server(nursery, tmp_path, send_queue_frames=8, rate_limit="1000/1000")
+    sid = await h.create_session()
+    stream = await trio.open_tcp_stream("127.0.0.1", h.running.ws_port)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+    events: list[object] = []
+    with trio.fail_after(5):
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            ws.receive_data(await stream.receive_some())
+            events.extend(ws.events())
+    hello = {"t": "hello", "token": h.token(ttl_s=2), "session": sid, "device": "stuck"}
+    await stream.send_all(ws.send(TextMessage(orjson.dumps(hello).decode())))
+    async with h.rest() as http:
+        big = "x" * 60_000
+        for i in range(60):  # far more than its socket buffers and its send queue hold: it never reads
+            await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": f"/b{i % 3}", "value": big}]})
+        await trio.sleep(3)  # its token has expired by now
+        op = {"t": "op", "id": 1, "ops": [{"op": "set", "path": "/evil", "value": True}]}
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            await stream.send_all(ws.send(TextMessage(orjson.dumps(op).decode())))
+        with trio.fail_after(10):
+            while True:
+                body = (await http.get(f"/v1/sessions/{sid}")).json()
+                if not body["devices"]:
+                    break
+                await trio.sleep(0.1)
+        assert "evil" not in body["state"]
+    await stream.aclose()
+    h.running.stop()
