@@ -15,6 +15,7 @@ from typing import Any
 JSON = Any
 _MISSING = object()
 MAX_POINTER_DEPTH = 32
+MAX_STATE_DEPTH = 64
 _BAD_ESCAPE = re.compile(r"~(?![01])")
 # What orjson (snapshots, the wire) can encode: an int outside this range would poison every later snapshot.
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
@@ -52,13 +53,30 @@ def parse_pointer(path: str) -> list[str]:
     return out
 
 
-def _copy(value: JSON) -> JSON:
-    """Own copy of a container value, so later ops never mutate a patch already sent or kept for replay."""
+def _copy(value: JSON, depth: int) -> JSON:
+    """Own copy of a container value, so later ops never mutate a patch already sent or kept for replay.
+
+    `depth` is where the value lands in the document; nesting past MAX_STATE_DEPTH is refused, or the state
+    could no longer be encoded (orjson stops at 254 levels) and every snapshot of the session would fail.
+    """
     if isinstance(value, dict):
-        return {key: _copy(item) for key, item in value.items()}
+        if depth >= MAX_STATE_DEPTH:
+            raise InvalidOp(f"the state may nest at most {MAX_STATE_DEPTH} levels")
+        return {key: _copy(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list):
-        return [_copy(item) for item in value]
+        if depth >= MAX_STATE_DEPTH:
+            raise InvalidOp(f"the state may nest at most {MAX_STATE_DEPTH} levels")
+        return [_copy(item, depth + 1) for item in value]
     return value
+
+
+def nesting_ok(value: JSON, limit: int = MAX_STATE_DEPTH) -> bool:
+    """True when `value` nests at most `limit` levels (for documents that enter without ops: REST create)."""
+    try:
+        _copy(value, MAX_STATE_DEPTH - limit)
+    except InvalidOp:
+        return False
+    return True
 
 
 def _is_number(value: object) -> bool:
@@ -132,12 +150,12 @@ def _apply_one(state: dict[str, JSON], op: dict[str, JSON], undo: _Undo) -> None
                 del state[key]
             for key, item in value.items():
                 undo.record(state, key)
-                state[key] = _copy(item)
+                state[key] = _copy(item, 1)
             return
         parent = _parent(state, tokens, True, undo)
         assert parent is not None
         undo.record(parent, tokens[-1])
-        parent[tokens[-1]] = _copy(value)
+        parent[tokens[-1]] = _copy(value, len(tokens))
     elif kind == "del":
         if not tokens:
             raise InvalidOp("cannot delete the whole document")

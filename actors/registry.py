@@ -209,12 +209,20 @@ class Registry:
         await self.ask(session_id, End())
 
     async def shutdown(self, grace_s: float) -> None:
-        """Checkpoint every actor and close its devices with 1001, then stop hosting actors."""
+        """Checkpoint every actor and close its devices with 1001, then stop hosting actors.
+
+        Activations already under way finish and are shut down too; no new ones start.
+        """
         self.closing = True
         with trio.move_on_after(grace_s):
-            async with trio.open_nursery() as nursery:
-                for actor in list(self._actors.values()):
-                    nursery.start_soon(self._stop_actor, actor, grace_s)
+            while self._actors or self._activating:
+                for pending in list(self._activating.values()):
+                    await pending.wait()
+                async with trio.open_nursery() as nursery:
+                    for actor in list(self._actors.values()):
+                        nursery.start_soon(self._stop_actor, actor, grace_s)
+        if self._actors:
+            log.error("shutdown grace expired: sessions not checkpointed", sessions=sorted(self._actors)[:50])
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 

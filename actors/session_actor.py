@@ -189,6 +189,10 @@ class SessionActor:
                         self._resync_all()
                     await self._serve()
                     return
+                except SessionNotFound:
+                    if not started:
+                        raise
+                    return  # ended (or deleted) while we were reloading: nothing left to serve
                 except _Unpersisted as exc:
                     # Not a crash: storage is away. Reload what is stored once it is back; no restart budget spent.
                     self.degraded = True
@@ -389,6 +393,7 @@ class SessionActor:
                 self._inflight.append(message.reply)
                 replies.append((message.reply, self._count(state.claim(message.device, None, wall))))
             elif isinstance(message, Describe):
+                self._inflight.append(message.reply)
                 replies.append((message.reply, orjson.dumps(state.describe())))
             elif isinstance(message, End):
                 self._inflight.append(message.reply)
@@ -409,14 +414,15 @@ class SessionActor:
             elif isinstance(message, Crash):
                 raise RuntimeError("crash requested")
         effects = state.take_effects()
+        ending = any(isinstance(e, Stop) for e in effects)
         try:
             await self._persist(effects)
+            if ending:  # stored as ended before any device hears `ended`
+                await self._end_storage()
         except (StorageUnavailable, trio.TooSlowError) as exc:
             self._refuse_unpersisted(batch)
             raise _Unpersisted(str(exc)) from exc
         stop = self._dispatch(effects)
-        if stop:
-            await self._end_storage()
         for reply, value in replies:
             reply.set(value)
         self._inflight.clear()
@@ -613,11 +619,17 @@ class SessionActor:
             self._checkpoint_soon("versions", durable=False)
 
     async def _end_storage(self) -> None:
+        """Mark the session ended (this must succeed, or the End is refused and retried by the caller), then
+        drop its snapshots and journal, best effort: leftovers of an ended session are never read again."""
         assert self.state is not None
         with trio.fail_after(self.config.storage_timeout_s):
             await self.storage.sessions.update_session(self.state.record())
-            await self.storage.snapshots.delete_snapshots(self.id)
-            await self.storage.journal.delete(self.id)
+        try:
+            with trio.fail_after(self.config.storage_timeout_s):
+                await self.storage.snapshots.delete_snapshots(self.id)
+                await self.storage.journal.delete(self.id)
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            self._log.warning("ended session's data not deleted", error=str(exc) or type(exc).__name__)
 
     # ---- failure paths ------------------------------------------------------------------------
 

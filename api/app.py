@@ -26,6 +26,7 @@ from quart_schema import (
 from quart_trio import QuartTrio
 
 from actors.messages import ActorUnavailable, Overloaded
+from actors.ops import MAX_STATE_DEPTH, nesting_ok
 from actors.registry import Registry, SessionNotFound
 from actors.session import Accepted, Rejected
 from api import metrics
@@ -248,10 +249,12 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
         return _json(body, 405)
 
     @app.post("/v1/sessions")
+    @authenticated()
     @validate_request(CreateSession)
     @document_response(SessionOut, 201)
-    @authenticated()
     async def create_session(data: CreateSession) -> Response:
+        if not (nesting_ok(data.state) and nesting_ok(data.metadata)):
+            raise ApiError("bad_frame", f"state and metadata may nest at most {MAX_STATE_DEPTH} levels")
         if len(orjson.dumps(data.metadata)) > MAX_METADATA_BYTES:
             raise ApiError("too_large", f"metadata larger than {MAX_METADATA_BYTES} bytes")
         if len(orjson.dumps(data.state)) > settings.max_state_bytes:
@@ -261,9 +264,9 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
         return _json({**_record_json(record), "state": data.state, "devices": []}, 201)
 
     @app.get("/v1/sessions")
+    @authenticated()
     @validate_querystring(ListQuery)
     @document_response(SessionList)
-    @authenticated()
     async def list_sessions(query_args: ListQuery) -> Response:
         claims: Claims = g.claims
         try:
@@ -290,18 +293,18 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
         return _json(await registry.describe(session_id))
 
     @app.patch("/v1/sessions/<session_id>")
+    @authenticated()
     @validate_request(PatchSession)
     @document_response(VersionOut)
-    @authenticated()
     async def patch_session(session_id: str, data: PatchSession) -> Response:
         live(await owned(session_id))
         result = await registry.change(session_id, data.ops, data.base)
         return _result(result, lambda r: {"version": r.version})
 
     @app.post("/v1/sessions/<session_id>/handoff")
+    @authenticated()
     @validate_request(HandoffRequest)
     @document_response(HandoffOut)
-    @authenticated()
     async def handoff(session_id: str, data: HandoffRequest) -> Response:
         live(await owned(session_id))
         result = await registry.handoff(session_id, data.device)

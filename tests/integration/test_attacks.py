@@ -228,3 +228,22 @@ async def test_a_peer_that_never_reads_is_cut_and_cannot_write_after_expiry(
         assert "evil" not in body["state"]
     await stream.aclose()
     h.running.stop()
+
+
+async def test_rest_authenticates_before_reading_the_body_and_refuses_deep_documents(server: Harness) -> None:
+    async with server.rest(None) as http:
+        r = await http.post("/v1/sessions", content=b"{garbage", headers={"content-type": "application/json"})
+        assert r.status_code == 401
+        spec = (await http.get("/openapi.json")).json()
+        assert "requestBody" in spec["paths"]["/v1/sessions"]["post"]
+    deep: object = 1
+    for _ in range(100):
+        deep = [deep]
+    sid = await server.create_session()
+    async with server.rest() as http:
+        r = await http.post("/v1/sessions", json={"state": {"d": deep}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_frame"
+        path = "/" + "/".join("a" * 10 for _ in range(30))
+        r = await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": path, "value": deep}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_op"
+        assert (await http.get(f"/v1/sessions/{sid}")).status_code == 200  # still healthy
