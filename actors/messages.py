@@ -95,6 +95,7 @@ class Attach:
     link: DeviceLink
     kind: str
     resume: int | None
+    resume_epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ Tests and the hypothesis model drive this class directly, without trio or socket
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -144,6 +145,10 @@ class SessionState:
     acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
     approx_bytes: int = 0
     checkpointed_version: int = 0
+    # This incarnation of the session: a fresh one at every restore. A device may only resume (replay) within
+    # the epoch its version came from; after a restore that lost changes (embedded journal gone with the
+    # process, a Redis without persistence) version numbers can repeat with other contents.
+    epoch: str = field(default_factory=lambda: secrets.token_urlsafe(6))
 
     def __post_init__(self) -> None:
         if self.replay.maxlen != self.replay_window:  # the replay buffer is bounded however we are built (§5.5)
@@ -242,9 +247,11 @@ class SessionState:
 
     # ---- devices ------------------------------------------------------------------------------
 
-    def join(self, device: str, kind: str, resume: int | None, now: float) -> None:
+    def join(self, device: str, kind: str, resume: int | None, now: float, resume_epoch: str | None = None) -> None:
         """A device connected: it gets a welcome, the others a presence frame."""
         self.devices[device] = DeviceInfo(device, kind)
+        if resume_epoch != self.epoch:
+            resume = None  # another incarnation's version numbers: only the full state is safe
         self.effects.append(Send(device, self.welcome(device, resume)))
         self.effects.append(Broadcast(self._presence(), exclude=device))
         self.effects.append(Publish("device.joined", {"device": device, "kind": kind}))
@@ -261,6 +268,7 @@ class SessionState:
             "t": "welcome",
             "session": self.id,
             "device": device,
+            "epoch": self.epoch,
             "version": self.version,
             "active": self.active,
             "devices": self._device_list(),

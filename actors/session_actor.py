@@ -454,7 +454,7 @@ class SessionActor:
         self.links[device] = message.link
         self.kinds[device] = message.kind
         self._joined_this_turn.add(device)
-        state.join(device, message.kind, message.resume, wall)
+        state.join(device, message.kind, message.resume, wall, message.resume_epoch)
 
     def _count(self, result: Accepted | Rejected) -> Accepted | Rejected:
         if isinstance(result, Rejected):

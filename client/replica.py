@@ -68,6 +68,7 @@ class Replica:
         self.devices: list[Frame] = []
         self.ended = False
         self.have_state = False
+        self.epoch: str | None = None  # the server incarnation our version belongs to (sent back in resume)
         self.pending: dict[int, PendingRequest] = {}
         self.held: dict[int, list[Frame]] = {}
         self.held_since: float | None = None
@@ -112,6 +113,8 @@ class Replica:
             self.state = state
             self.version = version
             self._bump()
+        epoch = frame.get("epoch")
+        self.epoch = epoch if isinstance(epoch, str) else None
         self.active = frame.get("active")
         devices = frame.get("devices")
         self.devices = devices if isinstance(devices, list) else []

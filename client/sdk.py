@@ -403,7 +403,10 @@ class Session:
         if not self._token_in_header:
             hello["token"] = token
         if self._replica.have_state and self._resume_ok:
-            hello["resume"] = {"version": self.version}
+            resume: Frame = {"version": self.version}
+            if self._replica.epoch is not None:
+                resume["epoch"] = self._replica.epoch
+            hello["resume"] = resume
         return hello
 
     async def _serve(self, ws: WebSocketConnection, token: str, welcomed: list[bool]) -> None:

@@ -191,13 +191,17 @@ def _parse_hello(obj: dict[str, JSON]) -> Hello:
         raise _bad(f"'kind' must be one of {', '.join(sorted(DEVICE_KINDS))}")
     resume = obj.get("resume")
     version: int | None = None
+    epoch: str | None = None
     if resume is not None:
         if type(resume) is not dict:
             raise _bad("'resume' must be an object")
         version = resume.get("version")
         if type(version) is not int or version < 0:
             raise _bad("'resume.version' must be an integer >= 0")
-    return Hello(session=session, device=device, token=token, kind=kind, resume=version)
+        epoch = resume.get("epoch")
+        if epoch is not None and (type(epoch) is not str or len(epoch) > 64):
+            raise _bad("'resume.epoch' must be a string of at most 64 characters")
+    return Hello(session=session, device=device, token=token, kind=kind, resume=version, resume_epoch=epoch)
 
 
 def _check_op(item: JSON) -> dict[str, JSON]:

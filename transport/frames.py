@@ -32,6 +32,7 @@ class Hello:
     token: str | None = None
     kind: str = "other"
     resume: int | None = None  # the client's last version when resuming
+    resume_epoch: str | None = None  # the `epoch` of the welcome that version came from
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,7 @@ def test_join_sends_full_welcome_and_presence_to_others() -> None:
             "t": "welcome",
             "session": "s1",
             "device": "b",
+            "epoch": s.epoch,
             "version": 1,
             "active": None,
             "devices": devices,
@@ -246,10 +247,22 @@ def test_join_with_resume_sends_replay() -> None:
     s.change("a", 1, inc(), None, T)
     s.change("a", 2, inc(), None, T)
     s.take_effects()
-    s.join("b", "web", 1, T)
+    s.join("b", "web", 1, T, s.epoch)
     welcome = s.take_effects()[0]
     assert isinstance(welcome, Send)
     assert welcome.frame["mode"] == "replay" and [p["version"] for p in welcome.frame["patches"]] == [2]
+
+
+def test_resume_from_another_epoch_gets_the_full_state() -> None:
+    """Versions of another incarnation (e.g. before a crash that lost the journal) may repeat with other contents."""
+    s = with_devices("a")
+    s.change("a", 1, inc(), None, T)
+    s.change("a", 2, inc(), None, T)
+    s.take_effects()
+    for epoch in (None, "older-incarnation"):
+        s.join("b", "web", 1, T, epoch)
+        welcome = s.take_effects()[0]
+        assert isinstance(welcome, Send) and welcome.frame["mode"] == "full" and welcome.frame["state"] == {"n": 2}
 
 
 def test_leave_broadcasts_presence_once() -> None:

@@ -16,7 +16,8 @@ from api.cli import main
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("SESSIOND_")}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], env=full, capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, "-m", "api.cli", *args]
+    return subprocess.run(argv, env=full, capture_output=True, text=True, timeout=60)
 
 
 def test_version() -> None:

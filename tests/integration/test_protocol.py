@@ -28,17 +28,23 @@ async def test_retransmit_is_idempotent(server: Harness) -> None:
 async def test_resume_replays_missed_patches(server: Harness) -> None:
     sid = await server.create_session()
     async with raw_device(server, sid, "a") as a:
+        assert a.welcome is not None
+        epoch = a.welcome["epoch"]
         for i in range(5):
             await a.send({"t": "op", "id": i + 1, "ops": [{"op": "set", "path": f"/x{i}", "value": i}]})
             await a.recv_type("ack")
-    hello = {"t": "hello", "token": server.token(), "session": sid, "device": "b", "resume": {"version": 2}}
+    resume = {"version": 2, "epoch": epoch}
+    hello = {"t": "hello", "token": server.token(), "session": sid, "device": "b", "resume": resume}
     async with raw_device(server, sid, "b", hello=hello) as b:
         assert b.welcome is not None
         assert b.welcome["mode"] == "replay"
         assert [p["version"] for p in b.welcome["patches"]] == [3, 4, 5]
-    hello["resume"] = {"version": 5}
+    hello["resume"] = {"version": 5, "epoch": epoch}
     async with raw_device(server, sid, "b", hello=hello) as b:
         assert b.welcome == {**b.welcome, "mode": "replay", "patches": [], "version": 5}
+    hello["resume"] = {"version": 2}  # no epoch: the server cannot know which history 2 belongs to
+    async with raw_device(server, sid, "b", hello=hello) as b:
+        assert b.welcome is not None and b.welcome["mode"] == "full" and b.welcome["version"] == 5
 
 
 async def test_base_conflict_and_invalid_op(server: Harness) -> None:
