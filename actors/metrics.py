@@ -18,6 +18,7 @@ PASSIVATIONS = Counter(
 )
 ACTOR_STATE_BYTES = Gauge("sessiond_actor_state_bytes", "Estimated state bytes held by live actors on this pod")
 CRASHES = Counter("sessiond_actor_crashes_total", "Exceptions that crashed a session actor")
+JOURNAL_GAPS = Counter("sessiond_journal_gaps_total", "Restores that found versions missing from the journal")
 FAILED = Counter("sessiond_actor_failed_total", "Sessions whose actor spent its restart budget")
 REJECTED = Counter("sessiond_requests_rejected_total", "Requests refused by a session actor", ["code"])
 CHECKPOINT_SECONDS = Histogram(

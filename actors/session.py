@@ -149,6 +149,7 @@ class SessionState:
     # the epoch its version came from; after a restore that lost changes (embedded journal gone with the
     # process, a Redis without persistence) version numbers can repeat with other contents.
     epoch: str = field(default_factory=lambda: secrets.token_urlsafe(6))
+    journal_gap: tuple[int, int] | None = None  # set by restore when the journal skipped versions
 
     def __post_init__(self) -> None:
         if self.replay.maxlen != self.replay_window:  # the replay buffer is bounded however we are built (§5.5)
@@ -192,8 +193,11 @@ class SessionState:
                 s.acked[device] = OrderedDict((int(i), int(v)) for i, v in pairs)
         s.checkpointed_version = s.version
         for change in journal:
-            if change.version != s.version + 1:
+            if change.version <= s.version:
                 continue  # already in the snapshot (or a duplicate write); the journal is ordered
+            if change.version != s.version + 1:
+                s.journal_gap = (s.version, change.version)  # changes are missing: stop here, loudly (the actor logs)
+                break
             apply_ops(s.state, change.ops)
             s.version = change.version
             if change.op_id is not None:

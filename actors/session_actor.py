@@ -249,6 +249,10 @@ class SessionActor:
             replay_window=self.config.replay_window,
             max_state_bytes=self.config.max_state_bytes,
         )
+        if state.journal_gap is not None:
+            metrics.JOURNAL_GAPS.inc()
+            self._log.error("journal has a gap: restored up to the gap", at_version=state.journal_gap[0],
+                            next_in_journal=state.journal_gap[1])
         for device, kind in self.kinds.items():
             state.join(device, kind, None, time.time())
         state.take_effects()  # a restart re-registers devices silently; _resync_all sends the welcomes

@@ -450,3 +450,13 @@ def test_acked_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     s.change("a", 5, inc(), None, T)  # a becomes the most recent
     s.change("c", 0, inc(), None, T)
     assert list(s.acked) == ["a", "c"]
+
+
+def test_restore_stops_at_a_journal_gap_and_says_so() -> None:
+    from storage.ports import Change, SessionRecord
+
+    record = SessionRecord("s1", "alice", "", {}, "active", 0, None, T, T)
+    journal = [Change(v, "a", v, [{"op": "set", "path": f"/k{v}", "value": v}]) for v in (1, 2, 4, 5)]
+    s = SessionState.restore(record, None, journal)
+    assert s.version == 2 and s.state == {"k1": 1, "k2": 2}
+    assert s.journal_gap == (2, 4)
