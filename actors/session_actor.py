@@ -418,11 +418,8 @@ class SessionActor:
             elif isinstance(message, Crash):
                 raise RuntimeError("crash requested")
         effects = state.take_effects()
-        ending = any(isinstance(e, Stop) for e in effects)
         try:
             await self._persist(effects)
-            if ending:  # stored as ended before any device hears `ended`
-                await self._end_storage()
         except (StorageUnavailable, trio.TooSlowError) as exc:
             self._refuse_unpersisted(batch)
             raise _Unpersisted(str(exc)) from exc
@@ -467,9 +464,19 @@ class SessionActor:
 
     # ---- effects ------------------------------------------------------------------------------
 
-    async def _persist(self, effects: list[Effect]) -> None:
-        """Durable effects first: the journal batch (group commit), then a handoff snapshot."""
-        changes = [e.change for e in effects if isinstance(e, Journal)]
+    async def _persist(self, effects: list[Effect]) -> bool:
+        """Durable effects first: the journal batch (group commit), a handoff snapshot, and for an ended
+        session its record, all before any frame of the turn leaves. True when the session ended."""
+        changes = []
+        syncs = []
+        ending = False
+        for effect in effects:  # one pass: this runs every turn
+            if isinstance(effect, Journal):
+                changes.append(effect.change)
+            elif isinstance(effect, Checkpoint):
+                syncs.append(effect)
+            elif isinstance(effect, Stop):
+                ending = True
         if changes:
             # Backends bound their own I/O (socket / command timeouts) and raise StorageUnavailable: no cancel
             # scope per turn here, it would cost more than a whole in-memory append.
@@ -477,11 +484,14 @@ class SessionActor:
             hot = metrics.HOT
             hot.changes += len(changes)
             hot.turns += 1
-        for effect in effects:
-            if isinstance(effect, Checkpoint) and effect.sync:
+        for effect in syncs:
+            if effect.sync:
                 # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when it is the only one.
                 durable = effect.reason == "pause" or self.config.fast_snapshot_every_versions is None
                 await self._checkpoint(effect.reason, durable=durable, force=True, raise_errors=True)
+        if ending:
+            await self._end_storage()
+        return ending
 
     def _dispatch(self, effects: list[Effect]) -> bool:
         """Perform the turn's effects in order.
@@ -499,9 +509,10 @@ class SessionActor:
             if isinstance(effect, Broadcast):
                 out = Outgoing(effect.frame)
                 if not awaiting_welcome and not resynced:  # the hot path
+                    exclude = effect.exclude
                     for device, link in self.links.items():
-                        if device != effect.exclude:
-                            self._deliver(link, out, resynced)
+                        if device != exclude and not link.deliver(out):
+                            self._overflow(link, resynced)
                     continue
                 version = effect.frame.get("version")
                 for device, link in self.links.items():
@@ -532,8 +543,10 @@ class SessionActor:
 
     def _deliver(self, link: DeviceLink, out: Outgoing, resynced: dict[str, int]) -> None:
         """Queue for one device; an overflow becomes one fresh welcome, a second one a disconnect (§5.5)."""
-        if link.deliver(out):
-            return
+        if not link.deliver(out):
+            self._overflow(link, resynced)
+
+    def _overflow(self, link: DeviceLink, resynced: dict[str, int]) -> None:
         if link.resyncing:
             metrics.SLOW_CONSUMERS.labels("disconnect").inc()
             link.close(4008, "slow_consumer")

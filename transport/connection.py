@@ -58,10 +58,17 @@ class Connection:
     def deliver(self, out: Outgoing) -> bool:
         if self.close_request is not None:
             return True  # closing: frames are dropped, the device resumes elsewhere
-        if len(self._queue) >= self._limit:
+        queue = self._queue
+        if len(queue) >= self._limit:
             return False
-        self._queue.append(encode_for(out, self.subprotocol))
-        self._wake()
+        data = out.encoded.get(self.subprotocol)
+        if data is None:
+            data = out.encoded[self.subprotocol] = codec.encode(out.frame, self.subprotocol)
+        queue.append(data)
+        task = self._parked  # inlined _wake: this runs once per delivered frame
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
         return True
 
     def resync(self, out: Outgoing) -> None:
