@@ -192,7 +192,9 @@ class SessionActor:
                 except SessionNotFound:
                     if not started:
                         raise
-                    return  # ended (or deleted) while we were reloading: nothing left to serve
+                    for link in self.links.values():  # ended (or deleted) while we were reloading
+                        link.close(4004, "session not found")
+                    return
                 except _Unpersisted as exc:
                     # Not a crash: storage is away. Reload what is stored once it is back; no restart budget spent.
                     self.degraded = True
