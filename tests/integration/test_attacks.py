@@ -247,3 +247,13 @@ async def test_rest_authenticates_before_reading_the_body_and_refuses_deep_docum
         r = await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": path, "value": deep}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_op"
         assert (await http.get(f"/v1/sessions/{sid}")).status_code == 200  # still healthy
+
+
+async def test_a_huge_frame_is_cut_with_1009_and_the_server_lives_on(server: Harness) -> None:
+    sid = await server.create_session()
+    async with raw_device(server, sid, "huge") as d:
+        await d.send("x" * 200_000)  # beyond twice the frame cap: the library refuses to buffer it
+        assert await d.closed_code() == 1009
+    async with raw_device(server, sid, "next") as d:
+        await d.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/ok", "value": 1}]})
+        assert (await d.recv_type("ack"))["version"] == 1
