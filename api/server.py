@@ -117,8 +117,14 @@ async def serve(
     authenticator: Authenticator,
     *,
     handle_signals: bool = True,
+    tune_gc: bool = True,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run everything until SIGTERM/SIGINT (or `RunningServer.stop()`).
+
+    `tune_gc` freezes start-up objects out of the cyclic GC's reach: right for the server process, not for a
+    test process that starts many servers.
+    """
     structlog.contextvars.bind_contextvars(pod=settings.pod_id)
     async with open_storage(settings) as storage:
         registry = Registry(storage, actor_config(settings))
@@ -138,7 +144,8 @@ async def serve(
             running = RunningServer(http_port, ws_port, registry, storage)
             if handle_signals:
                 root.start_soon(_watch_signals, running.stop_event)
-            _tune_gc()
+            if tune_gc:
+                _tune_gc()
             log.info("sessiond listening", http_port=http_port, ws_port=ws_port, data_dir=str(settings.data_dir))
             task_status.started(running)
             await running.stop_event.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ class Harness:
 async def start_server(nursery: trio.Nursery, data_dir: Path, **overrides: Any) -> Harness:
     settings = test_settings(data_dir, **overrides)
     auth = Authenticator.from_settings(settings)
-    running: RunningServer = await nursery.start(lambda task_status: serve(settings, auth, handle_signals=False,
-                                                                            task_status=task_status))
+    running: RunningServer = await nursery.start(
+        functools.partial(serve, settings, auth, handle_signals=False, tune_gc=False)
+    )
     return Harness(settings, auth, running)
 
 
