@@ -395,6 +395,8 @@ def join_batch(items: Sequence[str | bytes], subprotocol: str) -> str | bytes:
 
 
 # ---------------------------------------------------------------------------------------------- server frames
+# The session's frames (welcome, ack, patch, handoff, presence, ended) are built by actors.session, which owns
+# their contents; the transport itself only answers with errors (and `authed`).
 
 
 def error_frame(code: str, message: str, *, id: int | None = None, version: int | None = None) -> Encoded:
@@ -409,72 +411,3 @@ def error_frame(code: str, message: str, *, id: int | None = None, version: int 
 def error_from(exc: ProtocolError, *, version: int | None = None) -> Encoded:
     """The error frame that answers a ProtocolError raised by `decode` (or by the server)."""
     return error_frame(exc.code, exc.message, id=exc.id, version=version)
-
-
-def ack_frame(id: int, version: int) -> Encoded:
-    return Encoded({"t": "ack", "id": id, "version": version})
-
-
-def patch_frame(version: int, device: str, ops: list[dict[str, JSON]]) -> Encoded:
-    return Encoded({"t": "patch", "version": version, "device": device, "ops": ops})
-
-
-def handoff_frame(active: str, version: int) -> Encoded:
-    return Encoded({"t": "handoff", "active": active, "version": version})
-
-
-def presence_frame(devices: list[dict[str, JSON]], active: str | None) -> Encoded:
-    return Encoded({"t": "presence", "devices": devices, "active": active})
-
-
-def authed_frame(exp: int) -> Encoded:
-    return Encoded({"t": "authed", "exp": exp})
-
-
-def ended_frame() -> Encoded:
-    return Encoded({"t": "ended"})
-
-
-def welcome_full_frame(
-    session: str,
-    device: str,
-    version: int,
-    state: dict[str, JSON],
-    active: str | None,
-    devices: list[dict[str, JSON]],
-) -> Encoded:
-    return Encoded(
-        {
-            "t": "welcome",
-            "session": session,
-            "device": device,
-            "version": version,
-            "mode": "full",
-            "state": state,
-            "active": active,
-            "devices": devices,
-        }
-    )
-
-
-def welcome_replay_frame(
-    session: str,
-    device: str,
-    version: int,
-    patches: list[dict[str, JSON]],
-    active: str | None,
-    devices: list[dict[str, JSON]],
-) -> Encoded:
-    """`patches` are the patch frame dicts after the client's version, in order."""
-    return Encoded(
-        {
-            "t": "welcome",
-            "session": session,
-            "device": device,
-            "version": version,
-            "mode": "replay",
-            "patches": patches,
-            "active": active,
-            "devices": devices,
-        }
-    )
