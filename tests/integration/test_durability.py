@@ -18,8 +18,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from actors.messages import Crash
 from tests.integration.harness import SECRET, raw_device, start_server
-from tests.integration.proxy import TcpProxy
 from tests.integration.test_lifecycle import _free_port
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.services
 

@@ -20,6 +20,7 @@ import trio
 
 from storage.amqp import EXCHANGE, open_amqp_events
 from storage.bridge import Bridge, open_bridge
+from tests.support.proxy import TcpProxy
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 KEYS = ["session.created", "session.ended", "device.joined", "device.left", "session.handoff", "actor.crashed"]
@@ -139,59 +140,27 @@ async def test_unreachable_broker_buffers_and_counts_drops(bridge: Bridge) -> No
         assert sink.dropped == 4
 
 
-async def _pipe(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-    try:
-        while data := await src.receive_some(65536):
-            await dst.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-
-
-async def _proxy_conn(client: trio.SocketStream) -> None:
-    async with client, await trio.open_tcp_stream("127.0.0.1", 5672) as upstream, trio.open_nursery() as n:
-
-        async def both(a: trio.SocketStream, b: trio.SocketStream) -> None:
-            await _pipe(a, b)
-            n.cancel_scope.cancel()
-
-        n.start_soon(both, client, upstream)
-        n.start_soon(both, upstream, client)
-
-
-async def _run_proxy(port: int, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A TCP proxy to RabbitMQ: cancelling it cuts every connection through it (an outage)."""
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(_proxy_conn, listeners)
-
-
 async def test_outage_buffers_then_delivers_after_reconnect(bridge: Bridge, queue: str) -> None:
     run_id = uuid.uuid4().hex
+    proxy = TcpProxy(5672)
     async with trio.open_nursery() as outer:
-        proxy = trio.CancelScope()
-
-        async def proxy_task(port: int, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-            with proxy:
-                await _run_proxy(port, task_status=task_status)
-
-        port = await outer.start(proxy_task, 0)
-        url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+        await proxy.start(outer)
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
         async with open_amqp_events(bridge, url) as sink:
             sink.publish("session.created", event(run_id, 0, "session.created"))
             await _wait_for(lambda: sink.published == 1, 10)
 
-            proxy.cancel()  # RabbitMQ "goes away"
+            proxy.cut()  # RabbitMQ "goes away"
             await _wait_for(lambda: not sink.connected, 10)
             for n in range(1, 6):
                 sink.publish("device.joined", event(run_id, n, "device.joined"))
             await trio.sleep(0.3)
             assert sink.published == 1 and sink.buffered == 5
 
-            proxy = trio.CancelScope()
-            await outer.start(proxy_task, port)  # it comes back on the same address
+            await proxy.start(outer)  # it comes back on the same address
             await _wait_for(lambda: sink.published == 6, 15)
             assert sink.dropped == 0
-            proxy.cancel()
+            proxy.cut()
     got = await trio.to_thread.run_sync(_collect, queue, run_id, 6, 10.0)
     assert sorted({b["n"] for _, b, _ in got}) == list(range(6))
 

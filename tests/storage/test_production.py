@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +17,7 @@ from storage.ports import Change, Snapshot, StorageUnavailable
 from storage.postgres import PostgresBackend, PostgresJournal, migrate_url, open_postgres
 from storage.production import LayeredSnapshotStore, open_production_storage, resolve_durability
 from storage.redis_store import JournalFull, JournalRefused, RedisJournal, VersionConflict, open_redis
+from tests.support.proxy import TcpProxy
 
 
 @dataclass(frozen=True)
@@ -263,53 +262,15 @@ async def test_postgres_mode_survives_losing_redis(
 # --- a Redis outage through a TCP proxy --------------------------------------------------------------
 
 
-class Proxy:
-    """A loopback TCP relay that can be stopped (listener and connections gone) and restarted on its port."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port: int = s.getsockname()[1]
-        self._scope: trio.CancelScope | None = None
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        await nursery.start(self._serve)
-
-    def stop(self) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
-
-    async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as self._scope:
-            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-            task_status.started()
-            await trio.serve_listeners(self._relay, listeners)
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream(*self.target) as upstream, trio.open_nursery() as n:
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except trio.BrokenResourceError:
-                    pass
-                n.cancel_scope.cancel()
-
-            n.start_soon(pump, client, upstream)
-            n.start_soon(pump, upstream, client)
-
-
 async def test_redis_journal_outage_and_recovery(bridge: Bridge, redis_prefix: str) -> None:
-    proxy = Proxy(("127.0.0.1", 6379))
+    proxy = TcpProxy(6379)
     s = sid()
     async with trio.open_nursery() as nursery:
         await proxy.start(nursery)
         url = f"redis://127.0.0.1:{proxy.port}/0"
         async with open_redis(bridge, url, prefix=redis_prefix, socket_timeout=1.0) as rd:
             await rd.journal.append(s, changes(1, 2))
-            proxy.stop()
+            proxy.cut()
             await trio.sleep(0.05)
             for v in (3, 3):  # a refused connection, then again: each fails fast, nothing hangs
                 with trio.fail_after(3):
@@ -322,7 +283,7 @@ async def test_redis_journal_outage_and_recovery(bridge: Bridge, redis_prefix: s
                 await rd.journal.append(s, changes(3, 4))
             assert await rd.journal.read_after(s, 0) == changes(1, 4)
             await rd.journal.delete(s)
-        proxy.stop()
+        proxy.cut()
 
 
 async def test_migrate_url_opens_its_own_bridge(pg_url: str) -> None:
@@ -332,7 +293,7 @@ async def test_migrate_url_opens_its_own_bridge(pg_url: str) -> None:
 
 async def test_postgres_mode_serves_through_a_redis_outage(tmp_path: Path, redis_prefix: str, pg_url: str) -> None:
     """With durability=postgres Redis only speeds snapshots up: without it they go to PostgreSQL."""
-    proxy = Proxy(("127.0.0.1", 6379))
+    proxy = TcpProxy(6379)
     s = sid()
     async with trio.open_nursery() as nursery:
         await proxy.start(nursery)
@@ -342,7 +303,7 @@ async def test_postgres_mode_serves_through_a_redis_outage(tmp_path: Path, redis
         async with open_production_storage(config, key_prefix=redis_prefix) as storage:
             await storage.journal.append(s, changes(1, 3))
             await storage.snapshots.save_snapshot(Snapshot(s, 2, {"at": 2}, "active", None))
-            proxy.stop()
+            proxy.cut()
             await storage.journal.append(s, changes(4, 5))  # acks do not need Redis
             with trio.fail_after(5):
                 await storage.snapshots.save_snapshot(Snapshot(s, 5, {"at": 5}, "active", "d"))  # falls back
@@ -350,4 +311,4 @@ async def test_postgres_mode_serves_through_a_redis_outage(tmp_path: Path, redis
             assert snap is not None and snap.version == 5
             assert await storage.journal.read_after(s, 5) == []
             await proxy.start(nursery)
-        proxy.stop()
+        proxy.cut()
