@@ -25,7 +25,7 @@ from actors.session_actor import ActorConfig
 from api.app import create_app
 from api.auth import Authenticator
 from api.settings import Settings
-from storage.ports import Storage
+from storage.ports import Storage, StorageUnavailable
 from transport.server import WebSocketServer, WsConfig
 
 log = structlog.get_logger("sessiond.server")
@@ -106,7 +106,11 @@ class _SeenUsers:
     async def __call__(self, sub: str) -> None:
         if sub in self._seen:
             return
-        await self._storage.sessions.record_user(sub)
+        try:
+            await self._storage.sessions.record_user(sub)
+        except StorageUnavailable as exc:  # best effort: a device is not refused for it; retried next connect
+            log.warning("could not record user", error=str(exc))
+            return
         self._seen[sub] = None
         if len(self._seen) > self._limit:
             self._seen.pop(next(iter(self._seen)))

@@ -196,7 +196,7 @@ class WebSocketServer:
             await self.on_user(claims.sub)
         conn = Connection(ws, hello.device, subprotocol, self.config.send_queue_frames)
         try:
-            # get + tell without a checkpoint in between; a actor that retired meanwhile is replaced once.
+            # get + tell without a checkpoint in between; an actor that retired meanwhile is replaced once.
             actor = await self.registry.tell(hello.session, Attach(conn, hello.kind, hello.resume, hello.resume_epoch))
         except SessionNotFound:
             await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
