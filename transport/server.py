@@ -259,8 +259,7 @@ class WebSocketServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.run_writer)
                 watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
-                nursery.start_soon(watch.keepalive)
-                nursery.start_soon(watch.expiry)
+                nursery.start_soon(watch.run, nursery)
                 await self._read_loop(ws, conn, actor, watch)
                 # The reader returns when the peer closed: stop the writer and watchers.
                 nursery.cancel_scope.cancel()
@@ -363,18 +362,31 @@ class _Watch:
         self._exp = exp
         self._exp_changed.set()
 
-    async def keepalive(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """One task per connection for all its timers: pings (in `nursery`), the idle cut-off, token expiry."""
+        cfg = self.config
         # A random phase per connection: devices that connected together are not all pinged in one burst.
-        await trio.sleep(random.uniform(0, self.config.ping_interval_s))
-        async with trio.open_nursery() as nursery:
-            while True:
-                if trio.current_time() - self.last_seen >= self.config.idle_timeout_s:
+        next_ping = trio.current_time() + random.uniform(0, cfg.ping_interval_s)
+        while True:
+            expires_at = trio.current_time() + (self._exp - time.time())
+            with trio.move_on_at(min(next_ping, expires_at)):
+                await self._exp_changed.wait()  # a refreshed token moves the expiry
+            if self._exp_changed.is_set():
+                self._exp_changed = trio.Event()
+            now = trio.current_time()
+            if self._exp <= time.time():
+                metrics.CLOSES.labels("4001").inc()
+                self.conn.send_nowait(codec.error_frame("unauthorized", "token expired"))
+                self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
+                return
+            if now >= next_ping:
+                if now - self.last_seen >= cfg.idle_timeout_s:
                     metrics.CLOSES.labels("1001").inc()
                     self.conn.close(1001, "idle timeout")
                     return
                 if not self._pinging:
                     nursery.start_soon(self._ping)
-                await trio.sleep(self.config.ping_interval_s)
+                next_ping = now + cfg.ping_interval_s
 
     async def _ping(self) -> None:
         """One ping in flight at most; an unanswered one is abandoned at the idle timeout."""
@@ -387,18 +399,6 @@ class _Watch:
             pass
         finally:
             self._pinging = False
-
-    async def expiry(self) -> None:
-        while True:
-            remaining = self._exp - time.time()
-            if remaining <= 0:
-                metrics.CLOSES.labels("4001").inc()
-                self.conn.send_nowait(codec.error_frame("unauthorized", "token expired"))
-                self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
-                return
-            with trio.move_on_after(remaining):
-                await self._exp_changed.wait()
-                self._exp_changed = trio.Event()
 
 
 def _cheap_id(data: str | bytes) -> int | None:
