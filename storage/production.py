@@ -201,7 +201,8 @@ async def open_production_storage(
                 open_redis(bridge, settings.redis_url, prefix=key_prefix, trim_journal_on_snapshot=mode == "redis")
             )
             snapshots = LayeredSnapshotStore(rd.snapshots, durable, fast_optional=mode == "postgres")
-            health.append(rd.health)
+            if mode != "postgres":  # there Redis only holds optional fast snapshots: not a readiness condition
+                health.append(rd.health)
             if mode == "redis":
                 journal = rd.journal
         else:
