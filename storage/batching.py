@@ -62,6 +62,9 @@ class BatchingJournal:
     async def run(self) -> None:
         while True:
             await self._wake.wait()
+            # One scheduling pass before flushing: actors woken in the same tick enqueue too, and share this
+            # round trip (each bridge hop wakes the asyncio thread with a syscall).
+            await trio.lowlevel.checkpoint()
             self._wake = trio.Event()
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH_SESSIONS], self._queue[MAX_BATCH_SESSIONS:]
