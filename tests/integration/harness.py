@@ -135,3 +135,28 @@ async def raw_device(
             if expect_welcome:
                 dev.welcome = await dev.recv_type("welcome")
         yield dev
+
+
+async def wsproto_device(
+    h: Harness, session: str, device: str, token: str, rcvbuf: int | None = None
+) -> tuple[trio.SocketStream, Any]:
+    """A hand-driven WebSocket peer (raw TCP + wsproto) that has sent its hello and then reads only when the
+    test says so: for peers that never answer pings or never read, which trio-websocket's client cannot be."""
+    import socket
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    stream = await trio.open_tcp_stream("127.0.0.1", h.running.ws_port)
+    if rcvbuf is not None:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+    events: list[object] = []
+    with trio.fail_after(5):
+        while not any(isinstance(e, AcceptConnection) for e in events):
+            ws.receive_data(await stream.receive_some())
+            events.extend(ws.events())
+    hello = {"t": "hello", "token": token, "session": session, "device": device}
+    await stream.send_all(ws.send(TextMessage(orjson.dumps(hello).decode())))
+    return stream, ws

@@ -11,7 +11,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from tests.integration.harness import SECRET, Harness, raw_device, start_server
+from tests.integration.harness import SECRET, Harness, raw_device, start_server, wsproto_device
 
 
 def _b64(data: bytes) -> str:
@@ -147,22 +147,12 @@ async def test_token_refresh_in_band(server: Harness) -> None:
 
 async def test_idle_connection_without_pongs_is_closed(tmp_path: Path, nursery: trio.Nursery) -> None:
     """A peer that completed hello but never answers pings is cut after idle_timeout_s."""
-    import orjson
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+    from wsproto.events import CloseConnection
 
     h = await start_server(nursery, tmp_path, ping_interval_s=0.2, idle_timeout_s=0.6)
     sid = await h.create_session()
-    stream = await trio.open_tcp_stream("127.0.0.1", h.running.ws_port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
-    events: list[object] = []
+    stream, ws = await wsproto_device(h, sid, "mute", h.token())
     with trio.fail_after(5):
-        while not any(isinstance(e, AcceptConnection) for e in events):
-            ws.receive_data(await stream.receive_some())
-            events.extend(ws.events())
-        hello = {"t": "hello", "token": h.token(), "session": sid, "device": "mute"}
-        await stream.send_all(ws.send(TextMessage(orjson.dumps(hello).decode())))
         await trio.sleep(1.5)  # read nothing: no pongs go back
         closed = None
         while closed is None:
@@ -192,25 +182,12 @@ async def test_a_peer_that_never_reads_is_cut_and_cannot_write_after_expiry(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """Review finding: a close used to wait behind a blocked write forever, and the reader kept going."""
-    import socket
-
     import orjson
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request, TextMessage
+    from wsproto.events import TextMessage
 
     h = await start_server(nursery, tmp_path, send_queue_frames=8, rate_limit="1000/1000")
     sid = await h.create_session()
-    stream = await trio.open_tcp_stream("127.0.0.1", h.running.ws_port)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
-    events: list[object] = []
-    with trio.fail_after(5):
-        while not any(isinstance(e, AcceptConnection) for e in events):
-            ws.receive_data(await stream.receive_some())
-            events.extend(ws.events())
-    hello = {"t": "hello", "token": h.token(ttl_s=2), "session": sid, "device": "stuck"}
-    await stream.send_all(ws.send(TextMessage(orjson.dumps(hello).decode())))
+    stream, ws = await wsproto_device(h, sid, "stuck", h.token(ttl_s=2), rcvbuf=4096)
     async with h.rest() as http:
         big = "x" * 60_000
         for i in range(60):  # far more than its socket buffers and its send queue hold: it never reads
