@@ -58,17 +58,10 @@ class Connection:
     def deliver(self, out: Outgoing) -> bool:
         if self.close_request is not None:
             return True  # closing: frames are dropped, the device resumes elsewhere
-        queue = self._queue
-        if len(queue) >= self._limit:
+        if len(self._queue) >= self._limit:
             return False
-        data = out.encoded.get(self.subprotocol)
-        if data is None:
-            data = out.encoded[self.subprotocol] = codec.encode(out.frame, self.subprotocol)
-        queue.append(data)
-        task = self._parked  # inlined _wake: this runs once per delivered frame
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
+        self._queue.append(encode_for(out, self.subprotocol))
+        self._wake()
         return True
 
     def resync(self, out: Outgoing) -> None:
