@@ -1,7 +1,10 @@
-"""What can be put in a session actor's mailbox, and the port through which it reaches a device.
+"""What can be put in a session actor's mailbox, the port through which it reaches a device, and the reference
+through which transport and api reach it.
 
-The actor knows devices only through `DeviceLink` (implemented by transport), so actors import
-neither transport nor api (DESIGN §1 dependency direction).
+The actor knows devices only through `DeviceLink`: a local WebSocket (transport's Connection) or a device on
+another pod (`actors.remote.RemoteLink`). Transport and api know actors only through `ActorRef`: the local
+actor or a relay to the owner pod. Neither side can tell which, so one code path serves both (DESIGN §6).
+Actors import neither transport nor api (DESIGN §1 dependency direction).
 """
 
 from __future__ import annotations
@@ -34,27 +37,45 @@ class Outgoing:
 
 
 class DeviceLink(Protocol):
-    """A connected device as the actor sees it; every method is non-blocking."""
+    """A connected device as the actor sees it; every method is non-blocking.
+
+    The link owns its send queue: when it overflows, the link drops what a welcome supersedes and sends the
+    actor a `Resync` (DESIGN §5.5), so the actor never decides for a device it cannot see.
+    """
 
     @property
     def device(self) -> str: ...
 
     @property
-    def resyncing(self) -> bool:
-        """True while a welcome that replaced an overflowed queue has not been written yet."""
+    def link_id(self) -> str:
+        """Serialisable and unique in the cluster: `pod/connection`."""
         ...
 
-    def deliver(self, out: Outgoing) -> bool:
-        """Queue a frame (encoding it now); False when the send queue is full (nothing queued)."""
-        ...
-
-    def resync(self, out: Outgoing) -> None:
-        """Drop every queued frame and queue `out` (a fresh full welcome) instead."""
+    def deliver(self, out: Outgoing) -> None:
+        """Queue a frame for the device. A welcome supersedes the patches queued before it."""
         ...
 
     def close(self, code: int, reason: str) -> None:
         """Ask the connection to close with `code` soon."""
         ...
+
+
+class ActorRef(Protocol):
+    """A session actor as transport and api see it: on this pod, or relayed to its owner pod."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def gone(self) -> bool:
+        """True once the actor takes no more messages (stopping, moved, or its pod left)."""
+        ...
+
+    def tell(self, message: Message) -> None:
+        """Non-blocking; raises Overloaded (mailbox full) or ActorUnavailable."""
+        ...
+
+    async def ask(self, message: AskMessage, timeout_s: float = 10.0) -> Any: ...
 
 
 class Reply:
@@ -113,6 +134,13 @@ class ChangeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Resync:
+    """The device's send queue overflowed: it needs a fresh full welcome (its queued patches were dropped)."""
+
+    link: DeviceLink
+
+
+@dataclass(frozen=True, slots=True)
 class PauseRequest:
     link: DeviceLink
     op_id: int
@@ -151,10 +179,25 @@ class End:
 
 
 @dataclass(frozen=True, slots=True)
-class Shutdown:
-    """Checkpoint and stop (process shutdown): devices are closed with 1001."""
+class Peek:
+    """(version, active, status) of a live actor, for lists (no state copy)."""
 
     reply: Reply = field(default_factory=Reply)
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Checkpoint, release the lease and stop. Devices on this pod are closed with `local_code` (1001 when the
+    process shuts down), devices on other pods with 1013 (they resume through the session's next owner)."""
+
+    reply: Reply = field(default_factory=Reply)
+    local_code: int = 1001
+    reason: str = "server shutting down"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLost:
+    """The session's lease is gone (not renewed in time, or taken over): stop at once, write nothing more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +211,7 @@ class Crash:
 
 
 Message = (
-    Attach | Detach | ChangeRequest | PauseRequest | ClaimRequest | RestChange | RestHandoff | Describe | End
-    | Shutdown | Passivate | Crash
+    Attach | Detach | ChangeRequest | Resync | PauseRequest | ClaimRequest | RestChange | RestHandoff | Describe
+    | Peek | End | Shutdown | Passivate | LeaseLost | Crash
 )
-AskMessage = RestChange | RestHandoff | Describe | End | Shutdown
+AskMessage = RestChange | RestHandoff | Describe | Peek | End | Shutdown

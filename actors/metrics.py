@@ -28,9 +28,6 @@ CHECKPOINT_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
 CHECKPOINT_FAILURES = Counter("sessiond_checkpoint_failures_total", "Checkpoints that failed (retried later)")
-SLOW_CONSUMERS = Counter(
-    "sessiond_slow_consumer_total", "Send queue overflows", ["action"]
-)  # action: resync | disconnect
 
 
 class HotCounters:
@@ -53,3 +50,39 @@ class _HotCollector(Collector):
 
 
 REGISTRY.register(_HotCollector())
+
+# ---- the cluster (DESIGN §6) ----------------------------------------------------------------------------------
+FENCED_WRITES = Counter(
+    "sessiond_fenced_writes_total", "Writes refused because another pod holds a newer lease token for the session"
+)
+MOVES = Counter(
+    "sessiond_session_moves_total",
+    "Sessions this pod stopped owning, by reason (rebalance: placement changed; drain: SIGTERM; lease_lost)",
+    ["reason"],
+)
+LEASE_RENEWALS = Counter(
+    "sessiond_lease_renewals_total", "Session lease renewals, by result (ok, lost, error)", ["result"]
+)
+LEASES_HELD = Gauge("sessiond_leases_held", "Session leases this pod holds")
+CLUSTER_MEMBERS = Gauge("sessiond_cluster_members", "Live pods in this pod's view of the cluster")
+RELAY_LATENCY = Histogram(
+    "sessiond_relay_latency_seconds",
+    "Transit of one relay message between pods (publish to receipt, wall clocks)",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+)
+RELAY_MESSAGES = Counter(
+    "sessiond_relay_messages_total", "Relay messages (one pub/sub message each, many items) by direction", ["direction"]
+)
+RELAY_ITEMS = Counter(
+    "sessiond_relay_items_total", "Frames and requests relayed between pods, by direction", ["direction"]
+)
+RELAY_GAPS = Counter(
+    "sessiond_relay_gaps_total", "Relay links cut because messages were lost (a sequence gap, or the subscription)"
+)
+for _reason in ("rebalance", "drain", "lease_lost"):
+    MOVES.labels(_reason)
+for _result in ("ok", "lost", "error"):
+    LEASE_RENEWALS.labels(_result)
+for _direction in ("in", "out"):
+    RELAY_MESSAGES.labels(_direction)
+    RELAY_ITEMS.labels(_direction)

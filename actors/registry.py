@@ -1,31 +1,26 @@
-"""Which session actors are alive on this pod: activation on first use, passivation, shutdown.
+"""Which session actors are alive on this pod: activation on first use, passivation, moves, shutdown.
 
-Transport and API reach actors only through the registry (DESIGN §1). It is no global: the
-composition root makes one and passes it down, so tests can run several side by side.
+Transport and API reach actors through the router (actors/router.py), which asks the registry for the ones this
+pod owns. It is no global: the composition root makes one and passes it down, so tests can run several side by
+side (several pods in one process included).
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 import trio
 
 from actors import metrics
-from actors.messages import (
-    ActorUnavailable,
-    Describe,
-    End,
-    Message,
-    Overloaded,
-    Passivate,
-    RestChange,
-    RestHandoff,
-    Shutdown,
-)
-from actors.session_actor import ActorConfig, SessionActor, SessionNotFound, now_iso
+from actors.config import ActorConfig
+from actors.leases import LeaseKeeper
+from actors.messages import ActorUnavailable, Message, Overloaded, Passivate, Shutdown
+from actors.session_actor import SessionActor, SessionNotFound, now_iso
+from protocol import codes
 from storage.ports import JSON, SessionRecord, Snapshot, Storage
 
 log = structlog.get_logger("sessiond.registry")
@@ -40,9 +35,10 @@ def new_session_id() -> str:
 
 
 class Registry:
-    def __init__(self, storage: Storage, config: ActorConfig) -> None:
+    def __init__(self, storage: Storage, config: ActorConfig, leases: LeaseKeeper) -> None:
         self.storage = storage
         self.config = config
+        self.leases = leases
         self._actors: dict[str, SessionActor] = {}
         self._retiring: dict[str, SessionActor] = {}
         self._activating: dict[str, trio.Event] = {}
@@ -115,7 +111,7 @@ class Registry:
         assert self._nursery is not None, "Registry.run() is not running"
         done = self._activating[session_id] = trio.Event()
         try:
-            actor = SessionActor(session_id, self.storage, self.config, self._retire)
+            actor = SessionActor(session_id, self.storage, self.config, self.leases, self._retire)
             await self._nursery.start(actor.run)
             self._actors[session_id] = actor
             return actor
@@ -142,7 +138,7 @@ class Registry:
         """The live actor, if any (no activation)."""
         return self._actors.get(session_id)
 
-    # ---- conveniences for transport and api ---------------------------------------------------
+    # ---- conveniences for the router -------------------------------------------------------------
 
     async def tell(self, session_id: str, message: Message) -> SessionActor:
         """Deliver to the session's actor, activating it; retried once if that actor was just retiring."""
@@ -159,6 +155,21 @@ class Registry:
     async def ask(self, session_id: str, message: Any, timeout_s: float = 10.0) -> Any:
         await self.tell(session_id, message)
         return await message.reply.wait(timeout_s)
+
+    def move_out(self, is_mine: Callable[[str], bool], reason: str = "rebalance") -> int:
+        """Hand over every live actor whose session `is_mine` says belongs elsewhere now: it checkpoints, closes
+        its devices with 1013 (they resume through the new owner) and releases its lease. Returns how many."""
+        moved = 0
+        for actor in list(self._actors.values()):
+            if is_mine(actor.id):
+                continue
+            try:
+                actor.tell(Shutdown(local_code=codes.TRY_AGAIN_LATER, reason="session moved to another pod"))
+            except (Overloaded, ActorUnavailable):
+                continue  # busy or already stopping: the next rebalance looks again
+            metrics.MOVES.labels(reason).inc()
+            moved += 1
+        return moved
 
     async def owner_of(self, session_id: str) -> str | None:
         """The owner of a live (not ended) session, without activating it; None when there is none."""
@@ -194,22 +205,8 @@ class Registry:
         )
         return record
 
-    async def describe(self, session_id: str) -> bytes:
-        """The session as JSON bytes, encoded by its actor at one version."""
-        result: bytes = await self.ask(session_id, Describe())
-        return result
-
-    async def change(self, session_id: str, ops: list[dict[str, JSON]], base: int | None) -> Any:
-        return await self.ask(session_id, RestChange(ops, base))
-
-    async def handoff(self, session_id: str, device: str) -> Any:
-        return await self.ask(session_id, RestHandoff(device))
-
-    async def end(self, session_id: str) -> None:
-        await self.ask(session_id, End())
-
     async def shutdown(self, grace_s: float) -> None:
-        """Checkpoint every actor and close its devices with 1001, then stop hosting actors.
+        """Checkpoint every actor, close its devices with 1001 and release its lease, then stop hosting actors.
 
         Activations already under way finish and are shut down too; no new ones start.
         """

@@ -8,7 +8,6 @@ Tests and the hypothesis model drive this class directly, without trio or socket
 
 from __future__ import annotations
 
-import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -21,8 +20,8 @@ from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any
 REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id, so never mistaken for one
-ACKED_PER_DEVICE = 512  # op ids remembered per device for idempotent retransmits
-ACKED_IN_SNAPSHOT = 64  # per device: enough for the retransmits of one reconnect; the journal holds the rest
+ACKED_PER_DEVICE = 512  # answers (op id -> version) remembered per device for idempotent retransmits
+ACKED_IN_SNAPSHOT = 64  # per device, the newest ones; the last is the device's high-water mark
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
 
 
@@ -145,10 +144,11 @@ class SessionState:
     acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
     approx_bytes: int = 0
     checkpointed_version: int = 0
-    # This incarnation of the session: a fresh one at every restore. A device may only resume (replay) within
-    # the epoch its version came from; after a restore that lost changes (embedded journal gone with the
-    # process, a Redis without persistence) version numbers can repeat with other contents.
-    epoch: str = field(default_factory=lambda: secrets.token_urlsafe(6))
+    # This incarnation of the session: the fencing token of the lease it was restored under (DESIGN §6), so a
+    # new one at every activation, on whichever pod. A device may only resume (replay) within the epoch its
+    # version came from; after a restore that lost changes (embedded journal gone with the process, a Redis
+    # without persistence) version numbers can repeat with other contents.
+    epoch: str = "0"
     journal_gap: tuple[int, int] | None = None  # set by restore when the journal skipped versions
 
     def __post_init__(self) -> None:
@@ -166,8 +166,10 @@ class SessionState:
         *,
         replay_window: int = 1000,
         max_state_bytes: int = 1 << 20,
+        epoch: int = 0,
     ) -> SessionState:
-        """Rebuild from the newest snapshot plus the journal after it (DESIGN §5 recovery)."""
+        """Rebuild from the newest snapshot plus the journal after it (DESIGN §5 recovery); `epoch` is the lease
+        token the actor holds."""
         s = cls(
             id=record.id,
             owner=record.owner,
@@ -181,6 +183,7 @@ class SessionState:
             updated_at=record.updated_at,
             replay_window=replay_window,
             max_state_bytes=max_state_bytes,
+            epoch=str(epoch),
         )
         s.replay = deque(maxlen=replay_window)
         if snapshot is not None:
@@ -190,7 +193,7 @@ class SessionState:
             s.status = snapshot.status if record.status != "ended" else "ended"
             s.active = snapshot.active
             for device, pairs in snapshot.acked.items():
-                s.acked[device] = OrderedDict((int(i), int(v)) for i, v in pairs)
+                s.acked[device] = OrderedDict(sorted((int(i), int(v)) for i, v in pairs))
         s.checkpointed_version = s.version
         for change in journal:
             if change.version <= s.version:
@@ -209,6 +212,7 @@ class SessionState:
     def snapshot(self) -> Snapshot:
         """A snapshot of this moment; state is deep-copied through orjson so later ops cannot alter it."""
         return Snapshot(
+            epoch=int(self.epoch),
             session_id=self.id,
             version=self.version,
             state=orjson.loads(orjson.dumps(self.state)),
@@ -266,6 +270,10 @@ class SessionState:
         self.effects.append(Broadcast(self._presence()))
         self.effects.append(Publish("device.left", {"device": device}))
 
+    def resync(self, device: str) -> None:
+        """The device's send queue overflowed (or its actor restarted): a fresh full welcome replaces it all."""
+        self.effects.append(Send(device, self.welcome(device)))
+
     def welcome(self, device: str, resume: int | None = None) -> dict[str, JSON]:
         """Replay when the device's version is still in the window, else the full state."""
         frame: dict[str, JSON] = {
@@ -310,11 +318,9 @@ class SessionState:
         if self.status == "ended":
             return self._reject(device, op_id, Rejected("not_found", "session ended"))
         if op_id is not None:
-            known = self.acked.get(device)
-            if known is not None and op_id in known:
-                version = known[op_id]
-                self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": version}))
-                return Accepted(version)
+            answered = self._answered(device, op_id)
+            if answered is not None:
+                return Accepted(answered)
         if base is not None and base != self.version:
             return self._reject(
                 device, op_id, Rejected("conflict", f"base {base} is not the current version", self.version)
@@ -356,12 +362,16 @@ class SessionState:
         """The active device pauses: snapshot first, then everyone hears the session is free."""
         if self.status == "ended":
             return self._reject(device, op_id, Rejected("not_found", "session ended"))
+        answered = self._answered(device, op_id)
+        if answered is not None:
+            return Accepted(answered, self.active)
         if self.active is not None and self.active != device:
             return self._reject(
                 device, op_id, Rejected("conflict", f"only the active device ({self.active}) may pause")
             )
         self.status = "paused"
         self._set_active(None, now, checkpoint="pause")
+        self._remember(device, op_id, self.version)
         self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         return Accepted(self.version, None)
 
@@ -369,9 +379,14 @@ class SessionState:
         """`device` becomes active (a WebSocket claim, or REST handoff when op_id is None)."""
         if self.status == "ended":
             return self._reject(device, op_id, Rejected("not_found", "session ended"))
+        if op_id is not None:
+            answered = self._answered(device, op_id)
+            if answered is not None:
+                return Accepted(answered, self.active)
         self.status = "active"
         self._set_active(device, now)
         if op_id is not None:
+            self._remember(device, op_id, self.version)
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         return Accepted(self.version, device)
 
@@ -404,6 +419,22 @@ class SessionState:
         if op_id is not None:
             self.effects.append(Send(device, error_frame(rejected, op_id)))
         return rejected
+
+    def _answered(self, device: str, op_id: int) -> int | None:
+        """The original answer to a retransmitted request: its ack again, nothing applied (DESIGN §3).
+
+        Op ids only grow per device, so an id at or below the device's high-water mark was answered before. Its
+        exact version is kept for the newest ACKED_PER_DEVICE (ACKED_IN_SNAPSHOT after a restore); an older one
+        is acked with the version of the next answered id, an upper bound of its own.
+        """
+        known = self.acked.get(device)
+        if not known or op_id > next(reversed(known)):
+            return None
+        version = known.get(op_id)
+        if version is None:
+            version = next(v for i, v in known.items() if i > op_id)
+        self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": version}))
+        return version
 
     def _remember(self, device: str, op_id: int, version: int) -> None:
         ids = self.acked.get(device)

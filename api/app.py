@@ -25,30 +25,22 @@ from quart_schema import (
 )
 from quart_trio import QuartTrio
 
-from actors.messages import ActorUnavailable, Overloaded
+from actors.messages import ActorUnavailable, Describe, End, Overloaded, RestChange, RestHandoff
 from actors.ops import MAX_STATE_DEPTH, nesting_ok
-from actors.registry import Registry, SessionNotFound
+from actors.registry import Registry
+from actors.router import Router
 from actors.session import Accepted, Rejected
+from actors.session_actor import SessionNotFound
 from api import metrics
 from api.auth import Authenticator, AuthError, Claims
 from api.settings import Settings
+from protocol import codes
 from storage.ports import SessionRecord, Storage, StorageUnavailable
 
 DEVICE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_METADATA_BYTES = 16 * 1024
-ERROR_STATUS = {
-    "bad_frame": 400,
-    "invalid_op": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "conflict": 409,
-    "too_large": 413,
-    "rate_limited": 429,
-    "unavailable": 503,
-    "internal": 500,
-}
+ERROR_STATUS = codes.HTTP_STATUS
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -154,7 +146,8 @@ def _strict_loads(s: str | bytes, **kwargs: Any) -> Any:
     return orjson.loads(s)
 
 
-def create_app(settings: Settings, registry: Registry, auth: Authenticator, storage: Storage) -> QuartTrio:
+def create_app(settings: Settings, router: Router, auth: Authenticator, storage: Storage) -> QuartTrio:
+    registry: Registry = router.registry
     app = QuartTrio("sessiond")
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_frame_bytes, settings.max_state_bytes + 64 * 1024)
     QuartSchema(
@@ -273,13 +266,14 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
             records, cursor = await storage.sessions.list_sessions(claims.sub, query_args.limit, query_args.cursor)
         except ValueError:
             raise ApiError("bad_frame", "invalid cursor") from None
+        # Live actors (on any pod) know more than the last checkpoint: every pod answers the same (DESIGN §6).
+        live = await router.peek([r.id for r in records if r.status != "ended"])
         out = []
         for record in records:
             body = _record_json(record)
-            actor = registry.lookup(record.id)
-            if actor is not None and actor.state is not None:  # fresher than the last checkpoint
-                state = actor.state
-                body.update(version=state.version, active=state.active, status=state.status)
+            fresh = live.get(record.id)
+            if fresh is not None:
+                body.update(version=fresh[0], active=fresh[1], status=fresh[2])
             out.append(body)
         return _json({"sessions": out, "next": cursor})
 
@@ -290,7 +284,7 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
         record = await owned(session_id)
         if record.status == "ended":
             return _json({**_record_json(record), "state": None, "devices": []})
-        return _json(await registry.describe(session_id))
+        return _json(await router.ask(session_id, Describe()))
 
     @app.patch("/v1/sessions/<session_id>")
     @authenticated()
@@ -298,7 +292,7 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
     @document_response(VersionOut)
     async def patch_session(session_id: str, data: PatchSession) -> Response:
         live(await owned(session_id))
-        result = await registry.change(session_id, data.ops, data.base)
+        result = await router.ask(session_id, RestChange(data.ops, data.base))
         return _result(result, lambda r: {"version": r.version})
 
     @app.post("/v1/sessions/<session_id>/handoff")
@@ -307,21 +301,31 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
     @document_response(HandoffOut)
     async def handoff(session_id: str, data: HandoffRequest) -> Response:
         live(await owned(session_id))
-        result = await registry.handoff(session_id, data.device)
+        result = await router.ask(session_id, RestHandoff(data.device))
         return _result(result, lambda r: {"active": r.active, "version": r.version})
 
     @app.delete("/v1/sessions/<session_id>")
     @authenticated()
     async def delete_session(session_id: str) -> Response:
         live(await owned(session_id))
-        await registry.end(session_id)
+        await router.ask(session_id, End())
         return Response(b"", status=204)
 
     @app.get("/v1/admin/actors")
     @authenticated(admin=True)
     async def admin_actors() -> Response:
-        actors = sorted(registry.live(), key=lambda a: a.statistics()["mailbox_depth"], reverse=True)
-        return _json({"count": len(actors), "actors": [a.statistics() for a in actors[:1000]]})
+        """Every pod's actors (asked of each pod: none silently shows one pod's share), busiest mailboxes first."""
+        cluster = await router.cluster_statistics()
+        actors = []
+        for pod, figures in cluster["pods"].items():
+            for actor in figures.get("actors", ()):
+                actors.append({**actor, "pod": pod})
+        actors.sort(key=lambda a: a["mailbox_depth"], reverse=True)
+        pods = {pod: {k: v for k, v in figures.items() if k != "actors"} for pod, figures in cluster["pods"].items()}
+        return _json(
+            {"pod": router.pod, "members": cluster["members"], "count": len(actors), "actors": actors[:1000],
+             "pods": pods}
+        )
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -336,8 +340,10 @@ def create_app(settings: Settings, registry: Registry, auth: Authenticator, stor
                     await check.ping()
             except (StorageUnavailable, trio.TooSlowError) as exc:
                 problems.append(f"{type(check).__name__}: {exc or 'timeout'}")
-        if registry.closing:
+        if registry.closing or router.leaving:
             problems.append("shutting down")
+        if router.conflict is not None:
+            problems.append(f"cluster conflict: {router.conflict}")
         if problems:
             return _json({"status": "unavailable", "problems": problems}, 503)
         return _json({"status": "ready"})

@@ -1,7 +1,9 @@
 """The composition root: builds every part from Settings and runs them in one trio nursery.
 
-Only this module knows the concrete storage backends. Shutdown (SIGTERM/SIGINT or `stop()`):
-stop accepting WebSockets, checkpoint every actor and close its devices with 1001, stop REST, exit.
+Only this module knows the concrete storage backends. Shutdown (SIGTERM/SIGINT or `stop()`) is the drain of
+DESIGN §6: /readyz turns 503 and the cluster stops placing sessions here, WebSockets are no longer accepted, every
+actor checkpoints, closes its devices (1001 here, 1013 on other pods) and releases its lease, the pod leaves the
+member list, the remaining connections close with 1001, REST stops, exit 0.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from actors.config import ActorConfig
+from actors.leases import LeaseKeeper
 from actors.registry import Registry
-from actors.session_actor import ActorConfig
+from actors.router import Router
 from api.app import create_app
 from api.auth import Authenticator
 from api.settings import Settings
+from protocol import codes
 from storage.ports import Storage, StorageUnavailable
 from transport.server import WebSocketServer, WsConfig
 
@@ -60,6 +65,7 @@ def ws_config(settings: Settings) -> WsConfig:
         ping_interval_s=settings.ping_interval_s,
         idle_timeout_s=settings.idle_timeout_s,
         send_queue_frames=settings.send_queue_frames,
+        send_queue_bytes=settings.send_queue_bytes,
     )
 
 
@@ -89,6 +95,7 @@ class RunningServer:
     ws_port: int
     registry: Registry
     storage: Storage
+    router: Router
     stop_event: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
@@ -131,9 +138,12 @@ async def serve(
     """
     structlog.contextvars.bind_contextvars(pod=settings.pod_id)
     async with open_storage(settings) as storage:
-        registry = Registry(storage, actor_config(settings))
-        ws = WebSocketServer(ws_config(settings), registry, authenticator, on_user=_SeenUsers(storage))
-        app = create_app(settings, registry, authenticator, storage)
+        assert storage.leases is not None
+        leases = LeaseKeeper(storage.leases, storage.sessions, settings.pod_id, settings.lease_ttl_s)
+        registry = Registry(storage, actor_config(settings), leases)
+        router = Router(settings.pod_id, registry, storage, leases, ttl_s=settings.lease_ttl_s)
+        ws = WebSocketServer(ws_config(settings), router, authenticator, on_user=_SeenUsers(storage))
+        app = create_app(settings, router, authenticator, storage)
         hconfig = HypercornConfig()
         hconfig.bind = [f"{settings.host}:{settings.http_port}"]
         hconfig.graceful_timeout = 2
@@ -142,10 +152,11 @@ async def serve(
         http_stop = trio.Event()
         async with trio.open_nursery() as root:
             await root.start(registry.run)
+            await root.start(router.run)  # joins the cluster; refuses (ClusterConflict) to share an embedded store
             ws_port = await root.start(ws.run)
             binds = await root.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
             http_port = int(binds[0].rsplit(":", 1)[1])
-            running = RunningServer(http_port, ws_port, registry, storage)
+            running = RunningServer(http_port, ws_port, registry, storage, router)
             if handle_signals:
                 root.start_soon(_watch_signals, running.stop_event)
             if tune_gc:
@@ -153,10 +164,10 @@ async def serve(
             log.info("sessiond listening", http_port=http_port, ws_port=ws_port, data_dir=str(settings.data_dir))
             task_status.started(running)
             await running.stop_event.wait()
-            log.info("shutting down: checkpointing actors")
+            log.info("shutting down: handing sessions over")
             ws.stop_accepting()
-            await registry.shutdown(settings.shutdown_grace_s)
-            ws.close_all(1001, "server shutting down")
+            await router.drain(settings.shutdown_grace_s)
+            ws.close_all(codes.GOING_AWAY, "server shutting down")
             with trio.move_on_after(3):
                 await ws.wait_all_closed()
             http_stop.set()

@@ -7,6 +7,7 @@ Secrets may come from a variable or from a file named by `<NAME>_FILE` (the Vaul
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -18,8 +19,13 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names it."""
 
 
+POD_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _default_pod_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """Host name + pid: unique among the pods sharing a Redis, and new at every restart."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "pod"
+    return f"{host}-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,7 @@ class Settings:
     max_state_bytes: int = 1 << 20
     max_token_bytes: int = 4096
     pod_id: str = field(default_factory=_default_pod_id)
+    lease_ttl_s: float = 3.0  # cluster membership and session-lease TTL: failover happens within about this long
     log_format: str | None = None  # "console" | "json"; None: console on a TTY, else json
     log_level: str = "info"
     # Timings and sizes that tests and benchmarks tune; the defaults are the contract of DESIGN §3/§5.
@@ -52,6 +59,7 @@ class Settings:
     ping_interval_s: float = 20.0
     idle_timeout_s: float = 60.0
     send_queue_frames: int = 1024
+    send_queue_bytes: int = 8 << 20
     mailbox_size: int = 4096
     replay_window: int = 1000
     passivate_after_s: float = 300.0
@@ -151,5 +159,9 @@ def _validate(s: Settings) -> None:
         raise SettingsError("SESSIOND_DURABILITY=redis needs SESSIOND_REDIS_URL")
     if s.durability == "postgres" and not s.database_url:
         raise SettingsError("SESSIOND_DURABILITY=postgres needs SESSIOND_DATABASE_URL")
+    if not POD_ID_RE.fullmatch(s.pod_id):
+        raise SettingsError("SESSIOND_POD_ID must be 1-64 of [A-Za-z0-9._-]")
+    if not 0.5 <= s.lease_ttl_s <= 60:
+        raise SettingsError("SESSIOND_LEASE_TTL_S must be between 0.5 and 60 seconds")
     if s.jwt_algorithm == "HS256" and s.jwt_public_key and not s.jwt_secret:
         raise SettingsError("HS256 needs SESSIOND_JWT_SECRET")

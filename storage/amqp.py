@@ -29,7 +29,7 @@ from pika.channel import Channel
 from pika.exceptions import AMQPError
 from pika.spec import Basic
 
-from storage.bridge import Bridge
+from storage.bridge import Bridge, BridgeClosed
 from storage.metrics import EVENTS_BUFFERED, EVENTS_DROPPED, EVENTS_PUBLISHED, STORAGE_ERRORS
 from storage.ports import JSON
 
@@ -104,7 +104,7 @@ class AmqpEventSink:
             self._wake_pending = True
             try:
                 self._bridge.call_soon(self._wake)
-            except RuntimeError:  # bridge closed: the event stays buffered, and is lost with the process
+            except (BridgeClosed, RuntimeError):  # bridge or its loop closed: the event stays buffered, lost on exit
                 self._wake_pending = False
 
     def _drop(self, reason: str, routing_key: str) -> None:

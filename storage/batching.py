@@ -20,17 +20,21 @@ MAX_BATCH_SESSIONS = 256
 
 
 class ManyJournal(Journal, Protocol):
-    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
-        """Write several sessions' changes in one round trip; per-session failures as `errors` mapping."""
+    async def append_many(
+        self, batches: Mapping[str, Sequence[Change]], tokens: Mapping[str, int] | None = None
+    ) -> None:
+        """Write several sessions' changes in one round trip (each with its fencing token); per-session failures
+        as an `errors` mapping."""
         ...
 
 
 class _Pending:
-    __slots__ = ("changes", "done", "error", "session_id")
+    __slots__ = ("changes", "done", "error", "session_id", "token")
 
-    def __init__(self, session_id: str, changes: Sequence[Change]) -> None:
+    def __init__(self, session_id: str, changes: Sequence[Change], token: int) -> None:
         self.session_id = session_id
         self.changes = changes
+        self.token = token
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -49,10 +53,10 @@ class BatchingJournal:
         self.flushes = 0
         self.appended = 0
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         if not changes:
             return
-        pending = _Pending(session_id, changes)
+        pending = _Pending(session_id, changes, token)
         self._queue.append(pending)
         self._wake.set()
         await pending.done.wait()
@@ -72,10 +76,12 @@ class BatchingJournal:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         merged: dict[str, list[Change]] = {}
+        tokens: dict[str, int] = {}
         for pending in batch:
             merged.setdefault(pending.session_id, []).extend(pending.changes)
+            tokens[pending.session_id] = pending.token
         try:
-            await self.inner.append_many(merged)
+            await self.inner.append_many(merged, tokens)
         except BaseException as exc:
             errors: Mapping[str, BaseException] = getattr(exc, "errors", None) or {}
             # A refusal names its sessions; any other failure (an outage, or our cancellation) fails them all.

@@ -16,18 +16,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 import outcome
 import trio
 
 from storage.metrics import BRIDGE_CALL_SECONDS
+from storage.ports import StorageUnavailable
 
 T = TypeVar("T")
 
 
-class BridgeClosed(RuntimeError):
+class BridgeClosed(StorageUnavailable):
     """The bridge is shut down (or its loop cancelled the call while stopping)."""
 
 
@@ -108,6 +109,10 @@ class Bridge:
             BRIDGE_CALL_SECONDS.observe(time.perf_counter() - started)
         return result
 
+    def stream(self, max_items: int, max_bytes: int) -> BridgeStream:
+        """A bounded asyncio -> trio stream for a producer running on this bridge's loop."""
+        return BridgeStream(self._token, max_items, max_bytes)
+
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run the plain callable `fn(*args)` on the asyncio loop soon (batched; never blocks trio)."""
         if self._closed:
@@ -183,6 +188,83 @@ class Bridge:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.loop.shutdown_asyncgens()
+
+
+class BridgeStream:
+    """A bounded asyncio -> trio stream (pub/sub subscriptions): the asyncio side `push`es, trio `receive`s.
+
+    Bounded in items and bytes: when trio falls behind, what does not fit is dropped and the next `receive`
+    reports a gap, so the consumer resyncs instead of the process growing without limit (notes/stack-spike.md
+    §5). Wakeups are coalesced: one `run_sync_soon` per burst, like the bridge's calls.
+    """
+
+    def __init__(self, token: trio.lowlevel.TrioToken, max_items: int, max_bytes: int) -> None:
+        self._token = token
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        # Shared by both threads: deque appends and pops are atomic; every counter has a single writer.
+        self._items: deque[bytes] = deque()
+        self._pushed_bytes = 0  # asyncio side
+        self._taken_bytes = 0  # trio side
+        self._gaps = 0  # asyncio side
+        self._gaps_seen = 0  # trio side
+        self._wake_pending = False
+        self._waiter: trio.lowlevel.Task | None = None
+        self.dropped = 0  # asyncio side
+        self.closed = False
+
+    # -- asyncio side ----------------------------------------------------------------------------------
+
+    def push(self, data: bytes) -> None:
+        if len(self._items) >= self.max_items or self._pushed_bytes - self._taken_bytes + len(data) > self.max_bytes:
+            self._gaps += 1
+            self.dropped += 1
+        else:
+            self._pushed_bytes += len(data)
+            self._items.append(data)
+        self._notify()
+
+    def mark_gap(self) -> None:
+        """Messages may have been lost upstream (the subscription's connection dropped)."""
+        self._gaps += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            with suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._wake)
+
+    # -- trio side -------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        task, self._waiter = self._waiter, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def receive(self) -> tuple[list[bytes], bool]:
+        """Everything queued (waiting for at least one message or a gap), and whether a gap came first."""
+        while not self._items and self._gaps == self._gaps_seen:
+            if self.closed:
+                raise trio.EndOfChannel
+            self._waiter = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._waiter = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        gaps = self._gaps
+        gap, self._gaps_seen = gaps != self._gaps_seen, gaps
+        items = []
+        taken = 0
+        while self._items:
+            data = self._items.popleft()
+            taken += len(data)
+            items.append(data)
+        self._taken_bytes += taken
+        return items, gap
 
 
 @asynccontextmanager

@@ -8,17 +8,42 @@ from __future__ import annotations
 
 import base64
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 
-from storage.ports import JSON, Change, SessionRecord, Snapshot, Storage
+import trio
+
+from storage.ports import JSON, Change, Fenced, LeaseHeld, Member, SessionRecord, Snapshot, Storage
 
 MAX_EVENTS = 10_000
 
 
-class MemorySessionStore:
+class Fences:
+    """The per-session fencing tokens of one process's embedded stores (DESIGN §6): `fence` raises one, every
+    write checks it. One object is shared by the stores of one Storage, like a database shares its rows."""
+
     def __init__(self) -> None:
+        self._fences: dict[str, int] = {}
+
+    def raise_to(self, session_id: str, token: int) -> int:
+        current = max(self._fences.get(session_id, 0), token)
+        self._fences[session_id] = current
+        return current
+
+    def check(self, session_id: str, token: int) -> None:
+        current = self._fences.get(session_id, 0)
+        if current > token:
+            raise Fenced(f"session {session_id}: token {token} is older than the fence {current}")
+
+    def forget(self, session_id: str) -> None:
+        self._fences.pop(session_id, None)
+
+
+class MemorySessionStore:
+    def __init__(self, fences: Fences | None = None) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self.users: set[str] = set()
+        self.fences = fences or Fences()
 
     async def create_session(self, record: SessionRecord) -> None:
         if record.id in self._sessions:
@@ -43,9 +68,13 @@ class MemorySessionStore:
         more = len(mine) > limit
         return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
-    async def update_session(self, record: SessionRecord) -> None:
+    async def update_session(self, record: SessionRecord, token: int = 0) -> None:
         if record.id in self._sessions:
+            self.fences.check(record.id, token)
             self._sessions[record.id] = record
+
+    async def fence(self, session_id: str, token: int) -> int:
+        return self.fences.raise_to(session_id, token)
 
     async def record_user(self, subject: str) -> None:
         self.users.add(subject)
@@ -67,10 +96,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 class MemorySnapshotStore:
-    def __init__(self) -> None:
+    def __init__(self, fences: Fences | None = None) -> None:
         self._snapshots: dict[str, Snapshot] = {}
+        self.fences = fences or Fences()
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
+        self.fences.check(snapshot.session_id, snapshot.epoch)
         old = self._snapshots.get(snapshot.session_id)
         if old is None or old.version <= snapshot.version:
             self._snapshots[snapshot.session_id] = snapshot
@@ -83,10 +114,12 @@ class MemorySnapshotStore:
 
 
 class MemoryJournal:
-    def __init__(self) -> None:
+    def __init__(self, fences: Fences | None = None) -> None:
         self._changes: dict[str, list[Change]] = defaultdict(list)
+        self.fences = fences or Fences()
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
+        self.fences.check(session_id, token)
         self._changes[session_id].extend(changes)
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
@@ -114,9 +147,113 @@ class MemoryEventSink:
 
 
 def memory_storage() -> Storage:
+    fences = Fences()
     return Storage(
-        sessions=MemorySessionStore(),
-        snapshots=MemorySnapshotStore(),
-        journal=MemoryJournal(),
+        sessions=MemorySessionStore(fences),
+        snapshots=MemorySnapshotStore(fences),
+        journal=MemoryJournal(fences),
         events=MemoryEventSink(),
+        leases=MemoryLeases(),
+        membership=MemoryMembership(),
+        pubsub=MemoryPubSub(),
+        shareable=True,  # shared within one process: several pods of a test share one Storage
     )
+
+
+# ---- the cluster in one process: the embedded pod's own (a cluster of one), and tests of several pods ----------
+
+
+class MemoryLeases:
+    """Session leases with expiry on the trio clock; tokens grow per session (Leases port)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, tuple[str, int, float]] = {}  # session -> (pod, token, expires at)
+        self._epochs: dict[str, int] = {}
+
+    async def acquire(self, session_id: str, pod: str, ttl_s: float, floor: int = 0) -> int:
+        now = trio.current_time()
+        held = self._leases.get(session_id)
+        if held is not None and held[0] != pod and held[2] > now:
+            raise LeaseHeld(held[0])
+        token = max(self._epochs.get(session_id, 0) + 1, floor + 1)
+        self._epochs[session_id] = token
+        self._leases[session_id] = (pod, token, now + ttl_s)
+        return token
+
+    async def renew(self, held: Mapping[str, int], pod: str, ttl_s: float) -> set[str]:
+        now = trio.current_time()
+        lost = set()
+        for session_id, token in held.items():
+            current = self._leases.get(session_id)
+            if current is None or current[:2] != (pod, token) or current[2] <= now:
+                lost.add(session_id)
+            else:
+                self._leases[session_id] = (pod, token, now + ttl_s)
+        return lost
+
+    async def release(self, session_id: str, pod: str, token: int) -> None:
+        current = self._leases.get(session_id)
+        if current is not None and current[:2] == (pod, token):
+            del self._leases[session_id]
+
+
+class MemoryMembership:
+    def __init__(self) -> None:
+        self._members: dict[str, tuple[Member, float]] = {}
+
+    async def heartbeat(self, member: Member, ttl_s: float) -> list[Member]:
+        now = trio.current_time()
+        self._members[member.pod] = (member, now + ttl_s)
+        self._members = {pod: entry for pod, entry in self._members.items() if entry[1] > now}
+        return [entry[0] for entry in self._members.values()]
+
+    async def leave(self, pod: str) -> None:
+        self._members.pop(pod, None)
+
+
+class _MemorySubscription:
+    def __init__(self, limit: int) -> None:
+        self.messages: deque[bytes] = deque()
+        self.limit = limit
+        self.gap = False
+        self.wake = trio.Event()
+
+    def push(self, data: bytes) -> None:
+        if len(self.messages) >= self.limit:
+            self.gap = True  # a subscriber that falls behind loses messages, as with Redis (TRAPS)
+        else:
+            self.messages.append(data)
+        self.wake.set()
+
+    async def receive(self) -> tuple[list[bytes], bool]:
+        while not self.messages and not self.gap:
+            await self.wake.wait()
+            self.wake = trio.Event()
+        items = list(self.messages)
+        self.messages.clear()
+        gap, self.gap = self.gap, False
+        return items, gap
+
+
+class MemoryPubSub:
+    """One in-process channel per pod: at-most-once like Redis pub/sub (nobody subscribed: dropped)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._subscribers: dict[str, _MemorySubscription] = {}
+        self._limit = limit
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for pod, payload in messages:
+            subscriber = self._subscribers.get(pod)
+            if subscriber is not None:
+                subscriber.push(payload)
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def subscribe(self, pod: str) -> AsyncIterator[_MemorySubscription]:
+        subscription = self._subscribers[pod] = _MemorySubscription(self._limit)
+        try:
+            yield subscription
+        finally:
+            if self._subscribers.get(pod) is subscription:
+                del self._subscribers[pod]

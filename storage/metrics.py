@@ -27,7 +27,7 @@ JOURNAL_APPENDED = Counter(
 )
 STORAGE_ERRORS = Counter(
     "sessiond_storage_errors_total",
-    "Storage calls that failed, by backend and kind (unavailable, full, conflict)",
+    "Storage calls that failed, by backend and kind (unavailable, full, fenced, conflict)",
     ["backend", "kind"],
 )
 EVENTS_PUBLISHED = Counter("sessiond_events_published_total", "Events confirmed by RabbitMQ")
@@ -42,7 +42,7 @@ EVENTS_BUFFERED = Gauge("sessiond_events_buffered", "Events waiting for RabbitMQ
 for _backend in ("redis", "postgres"):
     JOURNAL_APPEND_SECONDS.labels(_backend)
     JOURNAL_APPENDED.labels(_backend)
-    for _kind in ("unavailable", "full", "conflict"):
+    for _kind in ("unavailable", "full", "fenced", "conflict"):
         STORAGE_ERRORS.labels(_backend, _kind)
 STORAGE_ERRORS.labels("amqp", "unavailable")
 for _reason in ("buffer_full", "unencodable", "closed"):
@@ -50,10 +50,13 @@ for _reason in ("buffer_full", "unencodable", "closed"):
 
 
 def error_kind(exc: BaseException) -> str:
-    """Bounded label for a storage error: full (a journal at its cap), conflict (a stale writer), else unavailable."""
+    """Bounded label for a storage error: full (a journal at its cap), fenced (a newer owner's token), conflict
+    (a stale writer), else unavailable."""
     name = type(exc).__name__
     if name == "JournalFull":
         return "full"
+    if name == "Fenced":
+        return "fenced"
     if name in ("VersionConflict", "JournalRefused"):
         return "conflict"
     return "unavailable"

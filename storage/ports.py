@@ -7,15 +7,39 @@ cross the asyncio bridge and thread boundaries as data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 JSON = Any
 
 
-class StorageUnavailable(RuntimeError):
+class StorageError(Exception):
+    """Base of every error a storage backend raises on purpose (never counted as an actor crash)."""
+
+
+class StorageUnavailable(StorageError):
     """A backend cannot be reached right now; the caller may retry later."""
+
+
+class Fenced(StorageError):
+    """A write carried a fencing token older than the session's: another pod owns the session now (DESIGN §6).
+
+    The writer must stop serving the session at once; retrying cannot help.
+    """
+
+
+class VersionConflict(StorageError):
+    """An append reused a version that holds a different change (a stale writer)."""
+
+
+class JournalRefused(StorageError):
+    """`append_many`: some sessions' batches were refused; the others were written."""
+
+    def __init__(self, errors: Mapping[str, Exception]) -> None:
+        super().__init__(f"journal append refused for {sorted(errors)}")
+        self.errors = dict(errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +66,12 @@ class Snapshot:
     state: dict[str, JSON]
     status: str
     active: str | None
-    # Idempotency table: device id -> list of [op id, version] most recent last (bounded by the actor).
+    # Idempotency table: device id -> list of [op id, version] most recent last (bounded by the actor); the last
+    # pair of a device is its high-water mark (op ids only grow per device, DESIGN §3).
     acked: dict[str, list[list[int]]] = field(default_factory=dict)
+    # The fencing token of the writer (the session's epoch when it was taken). A store refuses it (Fenced) when
+    # the session's fence is newer; 0 is the token of a session that no pod has owned yet (its creation).
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +98,17 @@ class SessionStore(Protocol):
         """Newest first (created_at desc, id desc); `cursor` is opaque, returned as `next`."""
         ...
 
-    async def update_session(self, record: SessionRecord) -> None: ...
+    async def update_session(self, record: SessionRecord, token: int = 0) -> None:
+        """Replace an existing record (a missing one stays missing); Fenced when the session's fence > token."""
+        ...
+
+    async def fence(self, session_id: str, token: int) -> int:
+        """Raise the session's fence to `token` (never lowers it) and return the fence now in force.
+
+        A result above `token` means a newer owner existed (the lease counter was lost): take a higher token.
+        Returns `token` for an unknown session.
+        """
+        ...
 
     async def record_user(self, subject: str) -> None:
         """Note a JWT `sub` on first sight (idempotent)."""
@@ -79,7 +117,8 @@ class SessionStore(Protocol):
 
 class SnapshotStore(Protocol):
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Keep the snapshot unless a newer version is already stored."""
+        """Keep the snapshot unless a newer version is already stored; Fenced when the session's fence is newer
+        than `snapshot.epoch`."""
         ...
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None: ...
@@ -100,8 +139,9 @@ class Journal(Protocol):
     """The per-session change log. Implementations bound their own I/O time (socket / command timeouts) and
     raise StorageUnavailable when it runs out: the actor awaits `append` on every turn without a timeout of its own."""
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
-        """Durably add changes in order (one round trip for the whole batch)."""
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
+        """Durably add changes in order (one round trip for the whole batch); Fenced (nothing written) when the
+        session's fence is newer than `token`."""
         ...
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
@@ -127,6 +167,74 @@ class Health(Protocol):
         ...
 
 
+# ---- the cluster (DESIGN §6) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A live pod as the membership list shows it."""
+
+    pod: str
+    leaving: bool = False  # draining: still serving what it holds, placed nothing new
+    shareable: bool = True  # uses only shared storage (an embedded store cannot join a cluster)
+    started_at: float = 0.0
+
+
+class LeaseHeld(StorageError):
+    """Another pod holds the session's lease."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"the session's lease is held by pod {holder}")
+        self.holder = holder
+
+
+class Leases(Protocol):
+    """Per-session ownership with a fencing token that only grows (the session's epoch)."""
+
+    async def acquire(self, session_id: str, pod: str, ttl_s: float, floor: int = 0) -> int:
+        """Take the lease (free, or already this pod's) and return a new token > every earlier one and > floor.
+
+        Raises LeaseHeld when another pod holds it.
+        """
+        ...
+
+    async def renew(self, held: Mapping[str, int], pod: str, ttl_s: float) -> set[str]:
+        """Extend every lease in `held` (session -> token) in one batch; returns the sessions no longer ours."""
+        ...
+
+    async def release(self, session_id: str, pod: str, token: int) -> None:
+        """Give the lease up if it is still ours with this token (a no-op otherwise)."""
+        ...
+
+
+class Membership(Protocol):
+    async def heartbeat(self, member: Member, ttl_s: float) -> list[Member]:
+        """Register (or refresh) `member` for `ttl_s` and return every live member, this one included."""
+        ...
+
+    async def leave(self, pod: str) -> None:
+        """Drop `pod` from the list at once (a clean exit does not wait for the TTL)."""
+        ...
+
+
+class Subscription(Protocol):
+    async def receive(self) -> tuple[list[bytes], bool]:
+        """The next messages, and whether some may have been lost before them (a gap: the link must resync)."""
+        ...
+
+
+class PubSub(Protocol):
+    """One channel per pod: at-most-once, ordered per publisher (TRAPS: anything relayed needs sequence numbers)."""
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Send (pod, payload) pairs in this order, in one round trip."""
+        ...
+
+    def subscribe(self, pod: str) -> AbstractAsyncContextManager[Subscription]:
+        """Receive what is published to `pod` while the context is open."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Storage:
     """The set of backends the composition root hands to the registry and the API."""
@@ -136,3 +244,8 @@ class Storage:
     journal: Journal
     events: EventSink
     health: Sequence[Health] = ()
+    # The cluster's coordination (Redis when configured). None: the embedded, single-pod defaults.
+    leases: Leases | None = None
+    membership: Membership | None = None
+    pubsub: PubSub | None = None
+    shareable: bool = False  # every store above can be shared by several pods (no embedded journal or file)

@@ -24,14 +24,20 @@ import orjson
 import trio
 
 from storage.bridge import Bridge, open_bridge
-from storage.memory import decode_cursor, encode_cursor
+from storage.memory import Fences, decode_cursor, encode_cursor
 from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
-from storage.ports import Change, SessionRecord, Snapshot, StorageUnavailable
+from storage.ports import (
+    Change,
+    Fenced,
+    JournalRefused,
+    SessionRecord,
+    Snapshot,
+    StorageUnavailable,
+    VersionConflict,
+)
 from storage.redis_store import (
     MAX_JOURNAL_ENTRIES,
     JournalFull,
-    JournalRefused,
-    VersionConflict,
     decode_change,
     decode_snapshot,
     encode_change,
@@ -148,6 +154,7 @@ class PostgresSessionStore:
         self._bridge = bridge
         self._pool = pool
         self._known_users: OrderedDict[str, None] = OrderedDict()
+        self.mirror: Fences | None = None  # an in-process journal's copy of the fences (durability=memory)
 
     async def create_session(self, record: SessionRecord) -> None:
         try:
@@ -191,15 +198,28 @@ class PostgresSessionStore:
         more = len(rows) > limit
         return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
-    async def update_session(self, record: SessionRecord) -> None:
-        """Updates an existing row (a missing session stays missing, like the other backends)."""
-        await _run(
+    async def update_session(self, record: SessionRecord, token: int = 0) -> None:
+        """Updates an existing row (a missing session stays missing, like the other backends); the fence check
+        is part of the statement. Fenced when the row exists with a newer fence."""
+        fence = await _run(
             self._bridge,
-            self._pool.execute,
-            "UPDATE sessions SET owner = $2, name = $3, metadata = $4, status = $5, version = $6,"
-            " active = $7, created_at = $8, updated_at = $9 WHERE id = $1",
+            self._pool.fetchval,
+            "WITH updated AS (UPDATE sessions SET owner = $2, name = $3, metadata = $4, status = $5, version = $6,"
+            " active = $7, created_at = $8, updated_at = $9 WHERE id = $1 AND epoch <= $10 RETURNING 1)"
+            " SELECT epoch FROM sessions WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM updated)",
             *_values(record),
+            token,
         )
+        if fence is not None:
+            STORAGE_ERRORS.labels("postgres", "fenced").inc()
+            raise Fenced(f"postgresql: session {record.id}: token {token} is older than the fence {fence}")
+
+    async def fence(self, session_id: str, token: int) -> int:
+        current = await _run(self._bridge, self._pool.fetchval, "SELECT sessiond_fence($1, $2)", session_id, token)
+        fence = token if current is None else int(current)
+        if self.mirror is not None:
+            self.mirror.raise_to(session_id, fence)
+        return fence
 
     async def record_user(self, subject: str) -> None:
         if subject in self._known_users:
@@ -233,16 +253,18 @@ class PostgresSnapshotStore:
         self._pool = pool
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
-        await _run(
+        outcome = await _run(
             self._bridge,
-            self._pool.execute,
-            "INSERT INTO snapshots (session_id, version, data) VALUES ($1, $2, $3)"
-            " ON CONFLICT (session_id) DO UPDATE SET version = EXCLUDED.version, data = EXCLUDED.data,"
-            " saved_at = extract(epoch FROM now()) WHERE snapshots.version <= EXCLUDED.version",
+            self._pool.fetchval,
+            "SELECT sessiond_snapshot_save($1, $2, $3, $4)",
             snapshot.session_id,
             snapshot.version,
             encode_snapshot(snapshot),
+            snapshot.epoch,
         )
+        if outcome == "fenced":
+            STORAGE_ERRORS.labels("postgres", "fenced").inc()
+            raise Fenced(f"postgresql: snapshot of {snapshot.session_id}: token {snapshot.epoch} is fenced off")
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
         raw = await _run(
@@ -261,6 +283,8 @@ _APPENDED = JOURNAL_APPENDED.labels("postgres")
 def _refusal(session_id: str, reason: str) -> Exception:
     if reason == "full":
         return JournalFull(f"postgresql journal of {session_id} is full")
+    if reason == "fenced":
+        return Fenced(f"postgresql journal of {session_id}: a newer owner holds the session")
     return VersionConflict(f"postgresql journal of {session_id}: {reason}")
 
 
@@ -282,12 +306,15 @@ class PostgresJournal:
         self.max_entries = max_entries
         self.clamp_trim = clamp_trim
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         if changes:
-            await self.append_many({session_id: changes})
+            await self.append_many({session_id: changes}, {session_id: token})
 
-    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
-        """The batches of several sessions in one round trip and one transaction (each all-or-nothing).
+    async def append_many(
+        self, batches: Mapping[str, Sequence[Change]], tokens: Mapping[str, int] | None = None
+    ) -> None:
+        """The batches of several sessions in one round trip and one transaction (each all-or-nothing, each
+        checked against its session's fence with its token from `tokens`, 0 when missing).
 
         With one session its error is raised as is; with several, `JournalRefused` names the refused ones (the
         others were written).
@@ -295,23 +322,29 @@ class PostgresJournal:
         items = sorted((sid, ch) for sid, ch in batches.items() if ch)  # one lock order for every writer
         if not items:
             return
+        tokens = tokens or {}
         sids: list[str] = []
         versions: list[int] = []
         datas: list[bytes] = []
+        row_tokens: list[int] = []
         for sid, changes in items:
+            token = tokens.get(sid, 0)
             for c in changes:
                 sids.append(sid)
                 versions.append(c.version)
                 datas.append(encode_change(c))
+                row_tokens.append(token)
         started = time.perf_counter()
         rows = await _run(
             self._bridge,
             self._pool.fetch,
-            "SELECT refused_session, reason FROM sessiond_journal_append($1::text[], $2::bigint[], $3::bytea[], $4)",
+            "SELECT refused_session, reason"
+            " FROM sessiond_journal_append($1::text[], $2::bigint[], $3::bytea[], $4, $5::bigint[])",
             sids,
             versions,
             datas,
             self.max_entries,
+            row_tokens,
         )
         _APPEND_SECONDS.observe(time.perf_counter() - started)
         errors = {r["refused_session"]: _refusal(r["refused_session"], r["reason"]) for r in rows}

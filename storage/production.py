@@ -23,11 +23,14 @@ import structlog
 import trio
 
 from storage.batching import BatchingJournal, ManyJournal
-from storage.memory import MemoryEventSink, MemoryJournal
+from storage.memory import MemoryEventSink, MemoryJournal, MemoryLeases, MemoryMembership, MemoryPubSub
 from storage.ports import (
     EventSink,
     Health,
     Journal,
+    Leases,
+    Membership,
+    PubSub,
     SessionStore,
     Snapshot,
     SnapshotStore,
@@ -169,6 +172,10 @@ async def open_production_storage(
                 journal=embedded.journal,
                 events=embedded.events,
                 health=embedded.health,
+                leases=embedded.leases,
+                membership=embedded.membership,
+                pubsub=embedded.pubsub,
+                shareable=False,
             )
             return
 
@@ -178,8 +185,11 @@ async def open_production_storage(
         health: list[Health] = []
         sessions: SessionStore
         durable: SnapshotStore
-        journal: Journal = MemoryJournal()
+        journal: Journal = embedded.journal if embedded is not None else MemoryJournal()
         events: EventSink
+        leases: Leases = MemoryLeases()
+        membership: Membership = MemoryMembership()
+        pubsub: PubSub = MemoryPubSub()
         if settings.database_url:
             from storage.postgres import open_postgres
 
@@ -190,6 +200,8 @@ async def open_production_storage(
             health.append(pg.health)
             if mode == "postgres":
                 journal = pg.journal
+            elif isinstance(journal, MemoryJournal):
+                pg.sessions.mirror = journal.fences  # the in-process journal is fenced like the rest
         else:
             assert embedded is not None
             sessions, durable = embedded.sessions, embedded.snapshots
@@ -205,6 +217,10 @@ async def open_production_storage(
                 health.append(rd.health)
             if mode == "redis":
                 journal = rd.journal
+            # With Redis every pod is a member of the cluster, even alone (DESIGN §6: one code path).
+            from storage.redis_cluster import RedisLeases, RedisMembership, RedisPubSub
+
+            leases, membership, pubsub = RedisLeases(rd.client), RedisMembership(rd.client), RedisPubSub(rd.client)
         else:
             snapshots = LayeredSnapshotStore(durable, durable)
         if settings.amqp_url:
@@ -220,4 +236,16 @@ async def open_production_storage(
             stack.callback(tasks.cancel_scope.cancel)  # runs first on exit: stop the flusher, then close the nursery
             tasks.start_soon(batching.run)
             journal = batching
-        yield Storage(sessions=sessions, snapshots=snapshots, journal=journal, events=events, health=tuple(health))
+        # Shareable by several pods: nothing embedded (the SQLite file, the in-memory journal) holds session data.
+        shareable = bool(settings.database_url) and mode in ("redis", "postgres")
+        yield Storage(
+            sessions=sessions,
+            snapshots=snapshots,
+            journal=journal,
+            events=events,
+            health=tuple(health),
+            leases=leases,
+            membership=membership,
+            pubsub=pubsub,
+            shareable=shareable,
+        )

@@ -1,16 +1,19 @@
 """Redis journal + latest snapshot (DESIGN §5 guarantee 2), redis.asyncio driven through the bridge.
 
-Keys, under a configurable prefix (default "sessiond:"):
-- `{prefix}j:{sid}`: the journal, a Redis **stream** whose entry ids are `{version}-0`. Why a stream: Redis itself
+Keys: every key of one session shares its hash tag, `{prefix}{SID}:...` (prefix default "sessiond:"), so one
+session's scripts run on one Redis Cluster node and no script or transaction ever spans sessions (DESIGN §6):
+- `{prefix}{SID}:j`: the journal, a Redis **stream** whose entry ids are `{version}-0`. Why a stream: Redis itself
   then refuses an id that does not grow (a stale writer cannot slip an old version in), reads by version are
   `XRANGE (v+1)-0 +` (O(log n)), trimming by version is `XTRIM MINID`, and entries sit in compact listpacks.
-- `{prefix}s:{sid}`: the latest snapshot, a hash `{v: version, d: orjson bytes}`; a Lua script replaces it only
+- `{prefix}{SID}:s`: the latest snapshot, a hash `{v: version, d: orjson bytes}`; a Lua script replaces it only
   when not older, and trims the journal up to it in the same step.
+- `{prefix}{SID}:epoch`: the session's fence, the counter behind its lease tokens (storage/redis_cluster.py). The
+  append and snapshot scripts refuse a token older than it (`Fenced`), inside Redis, never by read-then-write.
 
-Group commit: `append` is one MULTI/EXEC round trip (one Lua call inside, so a batch is all-or-nothing and a
-retried batch that already landed is accepted again unchanged: acks may be retried safely). `append_many` puts the
-batches of several sessions into the same single round trip. Each journal is bounded (`max_entries`): growth
-beyond is refused with `JournalFull`, since it means snapshots stopped.
+Group commit: `append` is one Lua call (a batch is all-or-nothing, and a retried batch that already landed is
+accepted again unchanged: acks may be retried safely). `append_many` puts the batches of several sessions into
+one pipelined round trip (per node on a cluster), each session's script atomic on its own. Each journal is
+bounded (`max_entries`): growth beyond is refused with `JournalFull`, since it means snapshots stopped.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 import trio
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.bridge import Bridge
 from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
-from storage.ports import Change, Snapshot, StorageUnavailable
+from storage.ports import Change, Fenced, JournalRefused, Snapshot, StorageUnavailable, VersionConflict
 
 T = TypeVar("T")
 
@@ -49,20 +53,11 @@ class JournalFull(StorageUnavailable):
     """A session's journal reached its cap: snapshots (which trim it) have stopped."""
 
 
-class VersionConflict(RuntimeError):
-    """An append reused a version that holds a different change (a stale writer)."""
-
-
-class JournalRefused(RuntimeError):
-    """`append_many`: some sessions' batches were refused; the others were written."""
-
-    def __init__(self, errors: Mapping[str, Exception]) -> None:
-        super().__init__(f"journal append refused for {sorted(errors)}")
-        self.errors = dict(errors)
-
-
-# KEYS[1] journal; ARGV[1] cap; ARGV[2k], ARGV[2k+1] = version, payload. Checks everything before writing.
+# KEYS[1] journal, KEYS[2] fence; ARGV[1] cap, ARGV[2] token; ARGV[2k+1], ARGV[2k+2] = version, payload.
+# Checks everything before writing.
 _APPEND = """
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+if fence > tonumber(ARGV[2]) then return redis.error_reply('FENCED token ' .. ARGV[2] .. ' < ' .. fence) end
 local key = KEYS[1]
 local cap = tonumber(ARGV[1])
 local last = 0
@@ -74,7 +69,7 @@ if redis.call('EXISTS', key) == 1 then
 end
 local new = {}
 local prev = last
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local v = tonumber(ARGV[i])
   if v <= last then
     local got = redis.call('XRANGE', key, v .. '-0', v .. '-0')
@@ -94,8 +89,11 @@ for _, i in ipairs(new) do redis.call('XADD', key, ARGV[i] .. '-0', 'd', ARGV[i 
 return #new
 """
 
-# KEYS[1] snapshot hash, KEYS[2] journal; ARGV = version, data, trim flag. Equal versions replace (handoff).
+# KEYS[1] snapshot hash, KEYS[2] journal, KEYS[3] fence; ARGV = version, data, trim flag, token. Equal versions
+# replace (handoff).
 _SAVE_SNAPSHOT = """
+local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+if fence > tonumber(ARGV[4]) then return redis.error_reply('FENCED token ' .. ARGV[4] .. ' < ' .. fence) end
 local cur = redis.call('HGET', KEYS[1], 'v')
 local v = tonumber(ARGV[1])
 if cur and tonumber(cur) > v then return 0 end
@@ -129,6 +127,8 @@ def _map_error(exc: Exception) -> Exception:
         msg = str(exc)
         if "JOURNAL_FULL" in msg:
             return JournalFull(msg)
+        if msg.startswith("FENCED"):
+            return Fenced(f"redis: {msg}")
         if "VERSION" in msg:
             return VersionConflict(msg)
     return exc
@@ -139,26 +139,39 @@ async def _await(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 class RedisClient:
-    """The redis.asyncio client living on the bridge loop; every call maps outages to StorageUnavailable."""
+    """The redis.asyncio client living on the bridge loop; every call maps outages to StorageUnavailable.
 
-    def __init__(self, bridge: Bridge, client: aioredis.Redis, prefix: str) -> None:
+    `client` is a `Redis` or, when the URL names a Redis Cluster node, a `RedisCluster`: both take the same
+    commands and pipelines here (non-transactional, every script within one session's hash tag).
+    """
+
+    def __init__(self, bridge: Bridge, client: aioredis.Redis | RedisCluster, prefix: str) -> None:
         self.bridge = bridge
         self.client = client
         self.prefix = prefix
+        self.cluster = isinstance(client, RedisCluster)
+
+    def key(self, session_id: str, kind: str) -> str:
+        """`{prefix}{SID}:kind`: one hash tag per session (one cluster slot for all its keys)."""
+        return f"{self.prefix}{{{session_id}}}:{kind}"
 
     def journal_key(self, session_id: str) -> str:
-        return f"{self.prefix}j:{session_id}"
+        return self.key(session_id, "j")
 
     def snapshot_key(self, session_id: str) -> str:
-        return f"{self.prefix}s:{session_id}"
+        return self.key(session_id, "s")
+
+    def fence_key(self, session_id: str) -> str:
+        return self.key(session_id, "epoch")
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`await fn(*args)` on the bridge loop (redis-py types its commands as Awaitable, not coroutines)."""
         try:
             return await self.bridge.run(_await, fn, *args)
-        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError, ClusterError,
+                RedisClusterException) as exc:
             STORAGE_ERRORS.labels("redis", "unavailable").inc()
-            raise StorageUnavailable(f"redis: {exc}") from exc
+            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         except ResponseError as exc:
             mapped = _map_error(exc)
             STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
@@ -172,19 +185,22 @@ class RedisJournal:
         self._r = redis
         self.max_entries = max_entries
 
-    def _queue_append(self, pipe: Any, session_id: str, changes: Sequence[Change]) -> None:
-        args: list[Any] = [self.max_entries]
+    def _queue_append(self, pipe: Any, session_id: str, changes: Sequence[Change], token: int) -> None:
+        args: list[Any] = [self.max_entries, token]
         for c in changes:
             args += [c.version, encode_change(c)]
-        pipe.eval(_APPEND, 1, self._r.journal_key(session_id), *args)
+        pipe.eval(_APPEND, 2, self._r.journal_key(session_id), self._r.fence_key(session_id), *args)
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
-        """One MULTI/EXEC round trip; all-or-nothing; a retry of a batch that already landed is a no-op."""
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
+        """One round trip; all-or-nothing; a retry of a batch that already landed is a no-op."""
         if changes:
-            await self.append_many({session_id: changes})
+            await self.append_many({session_id: changes}, {session_id: token})
 
-    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
-        """The batches of several sessions in one round trip (each atomic on its own).
+    async def append_many(
+        self, batches: Mapping[str, Sequence[Change]], tokens: Mapping[str, int] | None = None
+    ) -> None:
+        """The batches of several sessions in one round trip (each atomic on its own; `tokens`: each session's
+        fencing token, 0 when missing).
 
         With one session its error is raised as is; with several, `JournalRefused` names the refused ones
         (the others were written).
@@ -192,11 +208,14 @@ class RedisJournal:
         items = [(sid, ch) for sid, ch in batches.items() if ch]
         if not items:
             return
+        tokens = tokens or {}
 
         async def run() -> list[Any]:
-            async with self._r.client.pipeline(transaction=True) as pipe:
+            # Not a transaction: each session's script is atomic by itself, and on a Redis Cluster the sessions
+            # of one batch live on several nodes (the client sends each node its share).
+            async with self._r.client.pipeline(transaction=False) as pipe:
                 for sid, changes in items:
-                    self._queue_append(pipe, sid, changes)
+                    self._queue_append(pipe, sid, changes, tokens.get(sid, 0))
                 return list(await pipe.execute(raise_on_error=False))
 
         started = time.perf_counter()
@@ -243,12 +262,14 @@ class RedisSnapshotStore:
         await self._r.call(
             self._r.client.eval,
             _SAVE_SNAPSHOT,
-            2,
+            3,
             self._r.snapshot_key(sid),
             self._r.journal_key(sid),
+            self._r.fence_key(sid),
             snapshot.version,
             encode_snapshot(snapshot),
             "1" if self.trim_journal else "0",
+            snapshot.epoch,
         )
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
@@ -288,7 +309,31 @@ async def open_redis(
 ) -> AsyncIterator[RedisBackend]:
     """Create the client on the bridge loop (connections are made lazily) and close it on exit."""
 
-    async def make() -> aioredis.Redis:
+    # One quick retry covers a pooled connection that died (e.g. Redis restarted); appends are idempotent.
+    retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1)
+
+    async def is_cluster() -> bool:
+        """A Redis Cluster node says so in INFO; an unreachable server is taken for a plain one (lazy)."""
+        probe = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        try:
+            info = await probe.info("cluster")
+            return bool(info.get("cluster_enabled"))
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+            return False
+        finally:
+            await probe.aclose()
+
+    async def make() -> aioredis.Redis | RedisCluster:
+        if await is_cluster():
+            cluster = RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=retry,
+            )
+            await cluster.initialize()
+            return cluster
         # Bounded pool: past `max_connections` callers wait (up to the socket timeout) instead of dialing more.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -296,8 +341,7 @@ async def open_redis(
             timeout=socket_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            # One quick retry covers a pooled connection that died (e.g. Redis restarted); appends are idempotent.
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
+            retry=retry,
             health_check_interval=30,
         )
         return aioredis.Redis.from_pool(pool)

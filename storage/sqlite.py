@@ -19,8 +19,17 @@ from typing import Any, Generic, TypeVar, cast
 import orjson
 import trio
 
-from storage.memory import MemoryEventSink, MemoryJournal, decode_cursor, encode_cursor
-from storage.ports import SessionRecord, Snapshot, Storage, StorageUnavailable
+from storage.memory import (
+    Fences,
+    MemoryEventSink,
+    MemoryJournal,
+    MemoryLeases,
+    MemoryMembership,
+    MemoryPubSub,
+    decode_cursor,
+    encode_cursor,
+)
+from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageUnavailable
 
 DB_FILE = "sessiond.db"
 BUSY_TIMEOUT_MS = 5_000
@@ -51,6 +60,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             active TEXT,
             acked TEXT NOT NULL
         )""",
+    ),
+    (
+        # The session's fence (DESIGN §6): the newest fencing token; writes with an older one are refused.
+        "ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE snapshots ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
     ),
 )
 
@@ -241,13 +255,28 @@ def _create_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
         raise ValueError(f"session {record.id} exists") from exc
 
 
-def _update_session(conn: sqlite3.Connection, record: SessionRecord) -> None:
+def _check_fence(conn: sqlite3.Connection, session_id: str, token: int) -> None:
+    row = conn.execute("SELECT epoch FROM sessions WHERE id=?", (session_id,)).fetchone()
+    if row is not None and row[0] > token:
+        raise Fenced(f"session {session_id}: token {token} is older than the fence {row[0]}")
+
+
+def _update_session(conn: sqlite3.Connection, record: SessionRecord, token: int) -> None:
     row = _session_row(record)
-    conn.execute(
+    # One statement checks and writes (never a read-then-write); a refused update is told from a missing row.
+    done = conn.execute(
         "UPDATE sessions SET owner=?, name=?, metadata=?, status=?, version=?, active=?, created_at=?,"
-        " updated_at=? WHERE id=?",
-        (*row[1:], row[0]),
-    )
+        " updated_at=? WHERE id=? AND epoch <= ?",
+        (*row[1:], row[0], token),
+    ).rowcount
+    if not done:
+        _check_fence(conn, record.id, token)
+
+
+def _fence(conn: sqlite3.Connection, session_id: str, token: int) -> int:
+    conn.execute("UPDATE sessions SET epoch = max(epoch, ?) WHERE id=?", (token, session_id))
+    row = conn.execute("SELECT epoch FROM sessions WHERE id=?", (session_id,)).fetchone()
+    return token if row is None else int(row[0])
 
 
 def _get_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
@@ -278,8 +307,9 @@ def _list_sessions(
 class SqliteSessionStore:
     """SessionStore on the `sessions` and `users` tables."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, fences: Fences | None = None) -> None:
         self._db = db
+        self._fences = fences  # the in-memory journal's copy of the fences
 
     async def create_session(self, record: SessionRecord) -> None:
         await self._db.run(functools.partial(_create_session, record=record))
@@ -295,8 +325,14 @@ class SqliteSessionStore:
             functools.partial(_list_sessions, owner=owner, limit=max(limit, 0), after=after)
         )
 
-    async def update_session(self, record: SessionRecord) -> None:
-        await self._db.run(functools.partial(_update_session, record=record))
+    async def update_session(self, record: SessionRecord, token: int = 0) -> None:
+        await self._db.run(functools.partial(_update_session, record=record, token=token))
+
+    async def fence(self, session_id: str, token: int) -> int:
+        current = await self._db.run(functools.partial(_fence, session_id=session_id, token=token))
+        if self._fences is not None:
+            self._fences.raise_to(session_id, current)
+        return current
 
     async def record_user(self, subject: str) -> None:
         first_seen = time.time()
@@ -308,26 +344,37 @@ class SqliteSessionStore:
 
 
 def _save_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
-    # Serialised here, in the worker thread: a 1 MiB state costs the trio thread nothing.
-    conn.execute(
-        "INSERT INTO snapshots (session_id, version, state, status, active, acked) VALUES (?,?,?,?,?,?)"
-        " ON CONFLICT (session_id) DO UPDATE SET version=excluded.version, state=excluded.state,"
-        " status=excluded.status, active=excluded.active, acked=excluded.acked"
-        " WHERE excluded.version >= snapshots.version",
-        (
-            snapshot.session_id,
-            snapshot.version,
-            _dumps(snapshot.state),
-            snapshot.status,
-            snapshot.active,
-            _dumps(snapshot.acked),
-        ),
-    )
+    # Serialised here, in the worker thread: a 1 MiB state costs the trio thread nothing. The fence check and
+    # the write share one transaction (this connection is the only writer of the file).
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _check_fence(conn, snapshot.session_id, snapshot.epoch)
+        conn.execute(
+            "INSERT INTO snapshots (session_id, version, state, status, active, acked, epoch)"
+            " VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (session_id) DO UPDATE SET version=excluded.version, state=excluded.state,"
+            " status=excluded.status, active=excluded.active, acked=excluded.acked, epoch=excluded.epoch"
+            " WHERE excluded.version >= snapshots.version",
+            (
+                snapshot.session_id,
+                snapshot.version,
+                _dumps(snapshot.state),
+                snapshot.status,
+                snapshot.active,
+                _dumps(snapshot.acked),
+                snapshot.epoch,
+            ),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _load_snapshot(conn: sqlite3.Connection, session_id: str) -> Snapshot | None:
     row = conn.execute(
-        "SELECT version, state, status, active, acked FROM snapshots WHERE session_id=?", (session_id,)
+        "SELECT version, state, status, active, acked, epoch FROM snapshots WHERE session_id=?", (session_id,)
     ).fetchone()
     if row is None:
         return None
@@ -338,6 +385,7 @@ def _load_snapshot(conn: sqlite3.Connection, session_id: str) -> Snapshot | None
         status=row[2],
         active=row[3],
         acked=orjson.loads(row[4]),
+        epoch=row[5],
     )
 
 
@@ -364,13 +412,19 @@ async def open_sqlite_storage(data_dir: Path) -> AsyncIterator[Storage]:
     """The embedded Storage in `data_dir/sessiond.db` (directory made 0700); closes the file on exit."""
     db = SqliteDatabase(Path(data_dir) / DB_FILE)
     await db.open()
+    fences = Fences()
     try:
         yield Storage(
-            sessions=SqliteSessionStore(db),
+            sessions=SqliteSessionStore(db, fences),
             snapshots=SqliteSnapshotStore(db),
-            journal=MemoryJournal(),
+            journal=MemoryJournal(fences),
             events=MemoryEventSink(),
             health=(db,),
+            # A cluster of one: the file and the in-memory journal belong to this process alone.
+            leases=MemoryLeases(),
+            membership=MemoryMembership(),
+            pubsub=MemoryPubSub(),
+            shareable=False,
         )
     finally:
         await db.close()

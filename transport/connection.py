@@ -1,24 +1,31 @@
-"""One device's WebSocket as the actor sees it: a bounded send queue and the task that drains it.
+"""One device's WebSocket as its session's actor sees it: a bounded send queue and the task that drains it.
 
-The actor calls `deliver` synchronously during its turn; the frame is encoded right then (once per
-format, shared through `Outgoing.encoded`), so a welcome always shows the state of its version.
-The writer sends everything queued as one message (an array) per wake-up: fewer writes per frame is
-where the transport's speed comes from (TRAPS).
+The actor (on this pod, or relayed from the owner pod) calls `deliver` synchronously; the frame is encoded right
+then (once per format, shared through `Outgoing.encoded`), so a welcome always shows the state of its version.
+What a full queue means is decided here, where the device is (transport/sendqueue.py): drop what a welcome
+supersedes and ask the actor for one, or evict a device that still cannot keep up. The writer sends everything
+queued as one message (an array) per wake-up: fewer writes per frame is where the transport's speed comes from.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections.abc import Callable
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import Outgoing
+from protocol import codes
 from transport import codec, metrics
+from transport.sendqueue import Push, SendQueue
 
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 256 * 1024
 CLOSE_GRACE_S = 2.0
+DEFAULT_QUEUE_BYTES = 8 << 20
+
+_ids = itertools.count(1)
 
 
 def encode_for(out: Outgoing, subprotocol: str) -> str | bytes:
@@ -32,15 +39,24 @@ def encode_for(out: Outgoing, subprotocol: str) -> str | bytes:
 class Connection:
     """Implements actors.messages.DeviceLink for one accepted WebSocket."""
 
-    def __init__(self, ws: WebSocketConnection, device: str, subprotocol: str, queue_limit: int) -> None:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        device: str,
+        subprotocol: str,
+        queue_limit: int,
+        *,
+        pod: str = "",
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+    ) -> None:
         self.ws = ws
         self._device = device
         self.subprotocol = subprotocol
-        self._queue: deque[str | bytes] = deque()
-        self._limit = queue_limit
+        self.conn_id = next(_ids)
+        self._link_id = f"{pod}/{self.conn_id}"
+        self.queue = SendQueue(queue_limit, queue_bytes)
         self._parked: trio.lowlevel.Task | None = None  # the writer, while it waits for frames
-        self._resync_seq = 0  # bumped by resync(); the writer clears `resyncing` once it wrote that welcome
-        self._resyncing = False
+        self.on_resync: Callable[[], None] | None = None  # asks the session for a fresh welcome (set on attach)
         self.close_request: tuple[int, str] | None = None
         self.closed = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -52,24 +68,34 @@ class Connection:
         return self._device
 
     @property
+    def link_id(self) -> str:
+        return self._link_id
+
+    @property
     def resyncing(self) -> bool:
-        return self._resyncing
+        return self.queue.resyncing
 
-    def deliver(self, out: Outgoing) -> bool:
+    def deliver(self, out: Outgoing) -> None:
         if self.close_request is not None:
-            return True  # closing: frames are dropped, the device resumes elsewhere
-        if len(self._queue) >= self._limit:
-            return False
-        self._queue.append(encode_for(out, self.subprotocol))
-        self._wake()
-        return True
+            return  # closing: frames are dropped, the device resumes elsewhere
+        outcome = self.queue.push(out.frame["t"], encode_for(out, self.subprotocol))
+        if outcome is Push.QUEUED:
+            self._wake()
+        elif outcome is Push.RESYNC:
+            metrics.SLOW_CONSUMERS.labels("resync").inc()
+            self._wake()
+            if self.on_resync is not None:
+                self.on_resync()
+        elif outcome is Push.EVICT:
+            self.evict()
 
-    def resync(self, out: Outgoing) -> None:
-        self._queue.clear()
-        self._queue.append(encode_for(out, self.subprotocol))
-        self._resync_seq += 1
-        self._resyncing = True
-        self._wake()
+    def evict(self) -> None:
+        """The device cannot keep up: tell it why, then close 4008 (it resumes when it can)."""
+        metrics.SLOW_CONSUMERS.labels("disconnect").inc()
+        metrics.CLOSES.labels(str(codes.SLOW_CONSUMER)).inc()
+        error = codec.error_frame(codes.E_SLOW_CONSUMER, "could not keep up; resume when ready")
+        self.queue.push_final(error.for_subprotocol(self.subprotocol))
+        self.close(codes.SLOW_CONSUMER, "slow_consumer")
 
     def close(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with `code`. A peer that does not read (its writes block) is cut
@@ -82,9 +108,10 @@ class Connection:
     # ---- the writer task ----------------------------------------------------------------------
 
     def send_nowait(self, frame: codec.Encoded) -> None:
-        """A connection-level frame (error, authed) from the reader; dropped if the queue is full."""
-        if self.close_request is None and len(self._queue) < self._limit:
-            self._queue.append(frame.for_subprotocol(self.subprotocol))
+        """A connection-level frame (error, authed) from the reader; never superseded, bounded like the rest."""
+        if self.close_request is None:
+            if self.queue.push(frame.frame["t"], frame.for_subprotocol(self.subprotocol)) is Push.EVICT:
+                self.evict()
             self._wake()
 
     def _wake(self) -> None:
@@ -106,19 +133,16 @@ class Connection:
     async def run_writer(self) -> None:
         """Drains the queue until a close is requested; then flushes and closes with that code."""
         hot = metrics.HOT
+        queue = self.queue
         try:
             while True:
-                if not self._queue and self.close_request is None:
+                if not queue and self.close_request is None:
                     await self._park()
-                while self._queue:
-                    seq = self._resync_seq
-                    batch = self._take_batch()
+                while queue:
+                    batch = queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
                     await self.ws.send_message(codec.join_batch(batch, self.subprotocol))
                     hot.frames_out += len(batch)
                     hot.messages_out += 1
-                    if seq == self._resync_seq:
-                        # No resync happened while we wrote: any pending welcome went out in this batch.
-                        self._resyncing = False
                 if self.close_request is not None:
                     code, reason = self.close_request
                     with trio.move_on_after(2):
@@ -129,13 +153,3 @@ class Connection:
         finally:
             self.closed.set()
             self.cancel_scope.cancel()
-
-    def _take_batch(self) -> list[str | bytes]:
-        batch: list[str | bytes] = []
-        size = 0
-        queue = self._queue
-        while queue and len(batch) < MAX_BATCH_FRAMES and size < MAX_BATCH_BYTES:
-            item = queue.popleft()
-            batch.append(item)
-            size += len(item)
-        return batch

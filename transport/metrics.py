@@ -16,6 +16,11 @@ CONNECTIONS = Gauge("sessiond_ws_connections", "Open device WebSocket connection
 CONNECTS = Counter("sessiond_ws_connects_total", "WebSocket handshakes, by outcome", ["outcome"])
 ERRORS = Counter("sessiond_ws_errors_total", "Error frames sent to devices, by code", ["code"])
 CLOSES = Counter("sessiond_ws_closes_total", "Connections closed by the server, by close code", ["code"])
+SLOW_CONSUMERS = Counter(
+    "sessiond_slow_consumer_total",
+    "Send queue overflows, by action (resync: fresh welcome; disconnect: 4008)",
+    ["action"],
+)
 
 
 class HotCounters:

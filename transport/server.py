@@ -17,16 +17,18 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from actors.messages import (
+    ActorRef,
     ActorUnavailable,
-    Attach,
     ChangeRequest,
     ClaimRequest,
     Detach,
     Overloaded,
     PauseRequest,
+    Resync,
 )
-from actors.registry import Registry, SessionNotFound
-from actors.session_actor import SessionActor
+from actors.router import Router
+from actors.session_actor import SessionNotFound
+from protocol import codes
 from transport import codec, metrics
 from transport.connection import Connection
 from transport.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
@@ -35,12 +37,6 @@ from transport.ratelimit import TokenBucket
 log = structlog.get_logger("sessiond.ws")
 
 WS_PATH = "/v1/ws"
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_FORBIDDEN = 4003
-CLOSE_NOT_FOUND = 4004
-CLOSE_PROTOCOL = 1002
-CLOSE_TRY_LATER = 1013
-CLOSE_POLICY = 1008
 MAX_ERRORS_IN_A_ROW = 100  # a peer that only sends garbage is cut instead of being answered forever
 CHEAP_ID_MAX_BYTES = 1024  # a rate-limited frame is decoded for its id only when it is this small
 _HANDLED: Any = object()
@@ -72,18 +68,19 @@ class WsConfig:
     ping_interval_s: float = 20.0
     idle_timeout_s: float = 60.0
     send_queue_frames: int = 1024
+    send_queue_bytes: int = 8 << 20
 
 
 class WebSocketServer:
     def __init__(
         self,
         config: WsConfig,
-        registry: Registry,
+        router: Router,
         verifier: TokenVerifier,
         on_user: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
-        self.registry = registry
+        self.router = router
         self.verifier = verifier
         self.on_user = on_user
         self.connections: set[Connection] = set()
@@ -171,43 +168,49 @@ class WebSocketServer:
             return
         token = hello.token or header_token
         if not token:
-            await self._refuse(ws, subprotocol, "unauthorized", "a token is required", CLOSE_UNAUTHORIZED)
+            await self._refuse(ws, subprotocol, codes.E_UNAUTHORIZED, "a token is required", codes.UNAUTHORIZED)
             return
         try:
             claims = self.verifier.verify(token)
         except Exception as exc:
-            await self._refuse(ws, subprotocol, "unauthorized", _message(exc), CLOSE_UNAUTHORIZED)
+            await self._refuse(ws, subprotocol, codes.E_UNAUTHORIZED, _message(exc), codes.UNAUTHORIZED)
             return
         try:
             # Ownership first, from the record: a stranger's token never activates (or loads) a session.
-            owner = await self.registry.owner_of(hello.session)
+            owner = await self.router.owner_of(hello.session)
         except Exception as exc:
             log.warning("session lookup failed", session=hello.session, error=str(exc))
-            await self._refuse(ws, subprotocol, "unavailable", "session unavailable, retry later", CLOSE_TRY_LATER)
+            await self._refuse(ws, subprotocol, codes.UNAVAILABLE, "session unavailable, retry later",
+                               codes.TRY_AGAIN_LATER)
             return
         if owner is None:
-            await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
+            await self._refuse(ws, subprotocol, codes.E_NOT_FOUND, "no such session", codes.NOT_FOUND)
             return
         if owner != claims.sub:
-            await self._refuse(ws, subprotocol, "forbidden", "not your session", CLOSE_FORBIDDEN)
+            await self._refuse(ws, subprotocol, codes.E_FORBIDDEN, "not your session", codes.FORBIDDEN)
             return
         structlog.contextvars.bind_contextvars(session=hello.session, device=hello.device)
         if self.on_user is not None:
             await self.on_user(claims.sub)
-        conn = Connection(ws, hello.device, subprotocol, self.config.send_queue_frames)
+        cfg = self.config
+        conn = Connection(
+            ws, hello.device, subprotocol, cfg.send_queue_frames, pod=self.router.pod, queue_bytes=cfg.send_queue_bytes
+        )
         try:
-            # get + tell without a checkpoint in between; an actor that retired meanwhile is replaced once.
-            actor = await self.registry.tell(hello.session, Attach(conn, hello.kind, hello.resume, hello.resume_epoch))
+            # The local actor (activated, get + tell without a checkpoint in between) or the owner pod's, relayed.
+            actor = await self.router.attach(hello.session, conn, hello.kind, hello.resume, hello.resume_epoch)
         except SessionNotFound:
-            await self._refuse(ws, subprotocol, "not_found", "no such session", CLOSE_NOT_FOUND)
+            await self._refuse(ws, subprotocol, codes.E_NOT_FOUND, "no such session", codes.NOT_FOUND)
             return
         except Overloaded as exc:
-            await self._refuse(ws, subprotocol, "rate_limited", str(exc), CLOSE_TRY_LATER)
+            await self._refuse(ws, subprotocol, codes.RATE_LIMITED, str(exc), codes.TRY_AGAIN_LATER)
             return
-        except Exception as exc:  # ActorUnavailable, StorageUnavailable while activating
+        except Exception as exc:  # ActorUnavailable, StorageUnavailable while activating, a moving session
             log.warning("session activation failed", session=hello.session, error=str(exc))
-            await self._refuse(ws, subprotocol, "unavailable", "session unavailable, retry later", CLOSE_TRY_LATER)
+            await self._refuse(ws, subprotocol, codes.UNAVAILABLE, "session unavailable, retry later",
+                               codes.TRY_AGAIN_LATER)
             return
+        conn.on_resync = lambda: _ask_resync(actor, conn)
         metrics.CONNECTS.labels("ok").inc()
         metrics.CONNECTIONS.inc()
         self.connections.add(conn)
@@ -226,18 +229,20 @@ class WebSocketServer:
             except ConnectionClosed:
                 return None
         if data is None:
-            await self._refuse(ws, subprotocol, "unauthorized", "no hello within the time limit", CLOSE_UNAUTHORIZED)
+            await self._refuse(
+                ws, subprotocol, codes.E_UNAUTHORIZED, "no hello within the time limit", codes.UNAUTHORIZED
+            )
             return None
         if len(data) > self.config.max_frame_bytes:
-            await self._refuse(ws, subprotocol, "too_large", "hello frame too large", 1009)
+            await self._refuse(ws, subprotocol, codes.TOO_LARGE, "hello frame too large", codes.MESSAGE_TOO_BIG)
             return None
         try:
             frame = codec.decode(data, subprotocol)
         except ProtocolError as exc:
-            await self._refuse(ws, subprotocol, exc.code, exc.message, CLOSE_PROTOCOL)
+            await self._refuse(ws, subprotocol, exc.code, exc.message, codes.PROTOCOL_ERROR)
             return None
         if not isinstance(frame, Hello):
-            await self._refuse(ws, subprotocol, "bad_frame", "the first frame must be hello", CLOSE_PROTOCOL)
+            await self._refuse(ws, subprotocol, codes.BAD_FRAME, "the first frame must be hello", codes.PROTOCOL_ERROR)
             return None
         return frame
 
@@ -252,9 +257,7 @@ class WebSocketServer:
             except ConnectionClosed:
                 pass
 
-    async def _pump(
-        self, ws: WebSocketConnection, conn: Connection, actor: SessionActor, claims: VerifiedToken
-    ) -> None:
+    async def _pump(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, claims: VerifiedToken) -> None:
         with conn.cancel_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.run_writer)
@@ -264,7 +267,7 @@ class WebSocketServer:
                 # The reader returns when the peer closed: stop the writer and watchers.
                 nursery.cancel_scope.cancel()
 
-    async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: SessionActor, watch: _Watch) -> None:
+    async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
         cfg = self.config
         bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
         hot = metrics.HOT
@@ -281,14 +284,14 @@ class WebSocketServer:
             hot.frames_in += 1
             # The bucket is charged before any parsing: a flood costs us a counter, not a decode.
             if not bucket.allow(now):
-                self._error(conn, "rate_limited", f"more than {cfg.rate_per_s:g} frames/s", _cheap_id(data))
+                self._error(conn, codes.RATE_LIMITED, f"more than {cfg.rate_per_s:g} frames/s", _cheap_id(data))
                 continue
             message = self._message_for(conn, watch, data)
             if message is None:
                 errors_in_a_row += 1
                 if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
-                    metrics.CLOSES.labels(str(CLOSE_POLICY)).inc()
-                    conn.close(CLOSE_POLICY, "too many bad frames")
+                    metrics.CLOSES.labels(str(codes.POLICY_VIOLATION)).inc()
+                    conn.close(codes.POLICY_VIOLATION, "too many bad frames")
                 continue
             errors_in_a_row = 0
             if message is _HANDLED:
@@ -296,11 +299,11 @@ class WebSocketServer:
             try:
                 actor.tell(message)
             except Overloaded:
-                self._error(conn, "rate_limited", "session busy, retry shortly", message.op_id)
+                self._error(conn, codes.RATE_LIMITED, "session busy, retry shortly", message.op_id)
             except ActorUnavailable as exc:
-                self._error(conn, "unavailable", str(exc), message.op_id)
-                if actor.stopping or actor.stopped.is_set():
-                    conn.close(CLOSE_TRY_LATER, "session unavailable, reconnect")
+                self._error(conn, codes.UNAVAILABLE, str(exc), message.op_id)
+                if actor.gone:
+                    conn.close(codes.TRY_AGAIN_LATER, "session unavailable, reconnect")
 
     def _message_for(self, conn: Connection, watch: _Watch, data: str | bytes) -> Any:
         """The actor message for one frame; `_HANDLED` when answered here; None after an error frame."""
@@ -308,7 +311,7 @@ class WebSocketServer:
         if len(data) > cfg.max_frame_bytes or (
             isinstance(data, str) and len(data) * 4 > cfg.max_frame_bytes and _utf8_len(data) > cfg.max_frame_bytes
         ):
-            self._error(conn, "too_large", f"frame larger than {cfg.max_frame_bytes} bytes")
+            self._error(conn, codes.TOO_LARGE, f"frame larger than {cfg.max_frame_bytes} bytes")
             return None
         try:
             frame = codec.decode(data, conn.subprotocol)
@@ -323,7 +326,7 @@ class WebSocketServer:
             return ClaimRequest(conn, frame.id)
         if isinstance(frame, Auth):
             return _HANDLED if self._refresh(conn, watch, frame.token) else None
-        self._error(conn, "bad_frame", "already joined: hello only once per connection")
+        self._error(conn, codes.BAD_FRAME, "already joined: hello only once per connection")
         return None
 
     def _refresh(self, conn: Connection, watch: _Watch, token: str) -> bool:
@@ -331,10 +334,10 @@ class WebSocketServer:
         try:
             claims = self.verifier.verify(token)
         except Exception as exc:
-            self._error(conn, "unauthorized", _message(exc))
+            self._error(conn, codes.E_UNAUTHORIZED, _message(exc))
             return False
         if claims.sub != watch.sub:
-            self._error(conn, "forbidden", "a refreshed token must name the same user")
+            self._error(conn, codes.E_FORBIDDEN, "a refreshed token must name the same user")
             return False
         watch.extend(claims.exp)
         conn.send_nowait(codec.Encoded({"t": "authed", "exp": claims.exp}))
@@ -375,14 +378,14 @@ class _Watch:
                 self._exp_changed = trio.Event()
             now = trio.current_time()
             if self._exp <= time.time():
-                metrics.CLOSES.labels("4001").inc()
-                self.conn.send_nowait(codec.error_frame("unauthorized", "token expired"))
-                self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
+                metrics.CLOSES.labels(str(codes.UNAUTHORIZED)).inc()
+                self.conn.send_nowait(codec.error_frame(codes.E_UNAUTHORIZED, "token expired"))
+                self.conn.close(codes.UNAUTHORIZED, "token expired")
                 return
             if now >= next_ping:
                 if now - self.last_seen >= cfg.idle_timeout_s:
-                    metrics.CLOSES.labels("1001").inc()
-                    self.conn.close(1001, "idle timeout")
+                    metrics.CLOSES.labels(str(codes.GOING_AWAY)).inc()
+                    self.conn.close(codes.GOING_AWAY, "idle timeout")
                     return
                 if not self._pinging:
                     nursery.start_soon(self._ping)
@@ -421,10 +424,18 @@ def _message(exc: Exception) -> str:
     return str(getattr(exc, "message", None) or exc or "invalid token")[:200]
 
 
-async def _send_detach(actor: SessionActor, message: Detach) -> None:
+def _ask_resync(actor: ActorRef, conn: Connection) -> None:
+    """The connection's queue overflowed: ask its session for a fresh welcome (or let the device resume)."""
+    try:
+        actor.tell(Resync(conn))
+    except (Overloaded, ActorUnavailable):
+        conn.close(codes.TRY_AGAIN_LATER, "session busy; resume")
+
+
+async def _send_detach(actor: ActorRef, message: Detach) -> None:
     """Detach must reach the actor even when its mailbox is full, or it would count a ghost device."""
     with trio.CancelScope(shield=True), trio.move_on_after(5):
-        while not actor.stopped.is_set():
+        while not actor.gone:
             try:
                 actor.tell(message)
                 return

@@ -1,8 +1,10 @@
-"""Test doubles for the actor runtime: a DeviceLink that records frames, and a journal that counts writes.
+"""Test doubles for the actor runtime: a DeviceLink that records frames, a journal that counts writes, and a
+registry builder.
 
-`FakeLink` follows the `DeviceLink` docstrings: `deliver` queues (encoding now, so a frame that is
-mutated later is caught) and answers False when the queue is full; `resync` drops the queue and queues
-one welcome, and `resyncing` stays True until that welcome is "written" (`flush`).
+`FakeLink` follows the `DeviceLink` docstrings and keeps its frames in transport's real `SendQueue` (so the
+overflow rules are the ones a WebSocket gets): `deliver` queues (encoding now, so a frame that is mutated later is
+caught); an overflow drops what a welcome supersedes and tells the link's actor `Resync` (when `actor` is set);
+a second overflow before that welcome was "written" (`flush`) closes it with 4008.
 """
 
 from __future__ import annotations
@@ -12,12 +14,22 @@ from typing import Any
 
 import orjson
 
-from actors.messages import Outgoing
+from actors.config import ActorConfig
+from actors.leases import LeaseKeeper
+from actors.messages import Outgoing, Resync
 from actors.ops import apply_ops
-from storage.memory import MemoryJournal
-from storage.ports import Change
+from actors.registry import Registry
+from storage.memory import MemoryJournal, MemoryLeases
+from storage.ports import Change, Storage
+from transport.sendqueue import Push, SendQueue
 
 JSON = Any
+
+
+def make_registry(storage: Storage, config: ActorConfig, pod: str = "pod-a", ttl_s: float = 3.0) -> Registry:
+    """A registry whose leases come from the storage (in-memory ones when it has none)."""
+    keeper = LeaseKeeper(storage.leases or MemoryLeases(), storage.sessions, pod, ttl_s)
+    return Registry(storage, config, keeper)
 
 
 class FakeLink:
@@ -26,40 +38,45 @@ class FakeLink:
     def __init__(self, device: str, limit: int = 10_000) -> None:
         self._device = device
         self.limit = limit
-        self.queue: list[dict[str, JSON]] = []
+        self._queue = SendQueue(limit, 1 << 30)
         self.sent: list[dict[str, JSON]] = []
         self.closed: tuple[int, str] | None = None
         self.resyncs = 0
-        self._resync_pending = False
+        self.actor: Any = None  # told `Resync` on an overflow
 
     @property
     def device(self) -> str:
         return self._device
 
     @property
+    def link_id(self) -> str:
+        return f"test/{self._device}/{id(self)}"
+
+    @property
     def resyncing(self) -> bool:
-        return self._resync_pending
+        return self._queue.resyncing
 
-    def deliver(self, out: Outgoing) -> bool:
-        if len(self.queue) >= self.limit:
-            return False
-        self.queue.append(self._encode(out))
-        return True
-
-    def resync(self, out: Outgoing) -> None:
-        self.resyncs += 1
-        self.queue = [self._encode(out)]
-        self._resync_pending = True
+    def deliver(self, out: Outgoing) -> None:
+        outcome = self._queue.push(out.frame["t"], self._encode(out))
+        if outcome is Push.RESYNC:
+            self.resyncs += 1
+            if self.actor is not None:
+                self.actor.tell(Resync(self))
+        elif outcome is Push.EVICT:
+            self.close(4008, "slow_consumer")
 
     def close(self, code: int, reason: str) -> None:
         if self.closed is None:
             self.closed = (code, reason)
 
+    @property
+    def queue(self) -> list[dict[str, JSON]]:
+        return [orjson.loads(data) for data in self._queue.peek()]
+
     def flush(self) -> list[dict[str, JSON]]:
         """The writer task drained the queue to the socket."""
-        frames, self.queue = self.queue, []
+        frames = [orjson.loads(data) for data in self._queue.take(1 << 30, 1 << 62)]
         self.sent.extend(frames)
-        self._resync_pending = False
         return frames
 
     @property
@@ -71,12 +88,11 @@ class FakeLink:
         return [f for f in self.frames if f["t"] == kind]
 
     @staticmethod
-    def _encode(out: Outgoing) -> dict[str, JSON]:
+    def _encode(out: Outgoing) -> bytes:
         data = out.encoded.get("json")
         if data is None:
             data = out.encoded["json"] = orjson.dumps(out.frame)
-        frame: dict[str, JSON] = orjson.loads(data)
-        return frame
+        return data if isinstance(data, bytes) else data.encode()
 
 
 class Replica:
@@ -145,9 +161,9 @@ class CountingJournal:
         self.inner = inner or MemoryJournal()
         self.appends: list[list[Change]] = []
 
-    async def append(self, session_id: str, changes: Sequence[Change]) -> None:
+    async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         self.appends.append(list(changes))
-        await self.inner.append(session_id, changes)
+        await self.inner.append(session_id, changes, token)
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
         return await self.inner.read_after(session_id, version)

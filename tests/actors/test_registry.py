@@ -6,19 +6,20 @@ import pytest
 import trio
 import trio.testing
 
-from actors.messages import ActorUnavailable, Attach, Describe, Overloaded
+from actors.config import ActorConfig
+from actors.messages import ActorUnavailable, Attach, Describe, End, Overloaded
 from actors.registry import Registry, new_session_id
-from actors.session_actor import ActorConfig, SessionActor
+from actors.session_actor import SessionActor
 from storage.memory import memory_storage
 from storage.ports import Storage
-from tests.actors.fakes import FakeLink
+from tests.actors.fakes import FakeLink, make_registry
 
 CONFIG = ActorConfig(mailbox_size=4, passivate_after_s=30.0, storage_timeout_s=2.0)
 
 
 async def start(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> tuple[Registry, Storage]:
     storage = memory_storage()
-    registry = Registry(storage, config)
+    registry = make_registry(storage, config)
     await nursery.start(registry.run)
     return registry, storage
 
@@ -94,7 +95,7 @@ async def test_tell_to_a_stopped_actor_is_unavailable(nursery: trio.Nursery) -> 
     registry, _ = await start(nursery)
     record = await registry.create_session("bob", "n", {}, {})
     actor = await registry.get(record.id)
-    await registry.end(record.id)
+    await registry.ask(record.id, End())
     await actor.stopped.wait()
     with pytest.raises(ActorUnavailable):
         actor.tell(Describe())

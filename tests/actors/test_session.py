@@ -377,7 +377,7 @@ def test_snapshot_is_a_deep_copy() -> None:
 @pytest.mark.parametrize("overlap", [False, True])
 def test_restore_from_snapshot_and_journal_equals_live(snap_at: int, overlap: bool) -> None:
     s = with_devices("a", "b")
-    s.claim("b", 100, T)  # handoff is not journaled: its sync Checkpoint makes every later snapshot carry it
+    s.claim("b", None, T)  # handoff is not journaled: its sync Checkpoint makes every later snapshot carry it
     journal: list[Change] = []
     snapshots = {0: s.snapshot()}
     for i in range(1, 7):

@@ -11,23 +11,27 @@ import pytest
 import trio
 import trio.testing
 
+from actors.config import ActorConfig
 from actors.messages import (
     ActorUnavailable,
     Attach,
     ChangeRequest,
     ClaimRequest,
     Crash,
+    Describe,
     Detach,
+    End,
     PauseRequest,
     RestChange,
+    RestHandoff,
     Shutdown,
 )
 from actors.registry import Registry
 from actors.session import Accepted
-from actors.session_actor import ActorConfig, SessionActor
-from storage.memory import MemoryEventSink, MemorySessionStore, MemorySnapshotStore
+from actors.session_actor import SessionActor
+from storage.memory import Fences, MemoryEventSink, MemoryJournal, MemorySessionStore, MemorySnapshotStore
 from storage.ports import Storage
-from tests.actors.fakes import CountingJournal, FakeLink, Replica
+from tests.actors.fakes import CountingJournal, FakeLink, Replica, make_registry
 
 JSON = Any
 CONFIG = ActorConfig(
@@ -58,11 +62,27 @@ class Env:
 
     async def attach(self, sid: str, link: FakeLink, resume: int | None = None) -> SessionActor:
         actor = await self.registry.tell(sid, Attach(link, "web", resume))
+        link.actor = actor
         await settle()
         return actor
 
+    async def change(self, sid: str, ops: list[dict[str, JSON]], base: int | None) -> Any:
+        result = await self.registry.ask(sid, RestChange(ops, base))
+        await settle()  # what the change set in motion (a resync asked by an overflowing link) is done too
+        return result
+
+    async def handoff(self, sid: str, device: str) -> Any:
+        return await self.registry.ask(sid, RestHandoff(device))
+
+    async def describe(self, sid: str) -> bytes:
+        result: bytes = await self.registry.ask(sid, Describe())
+        return result
+
+    async def end(self, sid: str) -> None:
+        await self.registry.ask(sid, End())
+
     async def state(self, sid: str) -> dict[str, JSON]:
-        described: dict[str, JSON] = orjson.loads(await self.registry.describe(sid))
+        described: dict[str, JSON] = orjson.loads(await self.describe(sid))
         return described
 
 
@@ -71,13 +91,15 @@ async def settle() -> None:
 
 
 def make_env_storage(journal: CountingJournal) -> Storage:
-    return Storage(MemorySessionStore(), MemorySnapshotStore(), journal, MemoryEventSink())
+    fences = Fences()
+    journal.inner = MemoryJournal(fences)
+    return Storage(MemorySessionStore(fences), MemorySnapshotStore(fences), journal, MemoryEventSink())
 
 
 async def start_env(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> Env:
     journal = CountingJournal()
     storage = make_env_storage(journal)
-    registry = Registry(storage, config)
+    registry = make_registry(storage, config)
     await nursery.start(registry.run)
     return Env(registry, storage, journal)
 
@@ -167,9 +189,9 @@ async def test_acks_leave_only_after_the_journal_write(env: Env) -> None:
     gate = trio.Event()
     inner_append = env.journal.append
 
-    async def slow_append(session_id: str, changes: Any) -> None:
+    async def slow_append(session_id: str, changes: Any, token: int = 0) -> None:
         await gate.wait()
-        await inner_append(session_id, changes)
+        await inner_append(session_id, changes, token)
 
     env.journal.append = slow_append  # type: ignore[method-assign]
     actor.tell(ChangeRequest(a, 1, inc(), None))
@@ -187,10 +209,10 @@ async def test_rest_change_handoff_describe_end(env: Env) -> None:
     sid = await env.session({"n": 1})
     a = FakeLink("a")
     await env.attach(sid, a)
-    assert await env.registry.change(sid, inc(2), None) == Accepted(1)
-    conflict = await env.registry.change(sid, inc(), 0)
+    assert await env.change(sid, inc(2), None) == Accepted(1)
+    conflict = await env.change(sid, inc(), 0)
     assert (conflict.code, conflict.version) == ("conflict", 1)
-    assert await env.registry.handoff(sid, "a") == Accepted(1, "a")
+    assert await env.handoff(sid, "a") == Accepted(1, "a")
     described = await env.state(sid)
     assert (described["state"], described["version"], described["active"]) == ({"n": 3}, 1, "a")
     assert described["devices"] == [{"device": "a", "kind": "web"}]
@@ -199,7 +221,7 @@ async def test_rest_change_handoff_describe_end(env: Env) -> None:
     assert a.of("patch")[0]["device"] == "@rest"
     assert a.of("handoff") == [{"t": "handoff", "active": "a", "version": 1}]
 
-    await env.registry.end(sid)
+    await env.end(sid)
     await settle()
     assert a.frames[-1] == {"t": "ended"}
     assert a.closed is not None and a.closed[0] == 4010
@@ -241,7 +263,7 @@ async def test_crash_restarts_from_snapshot_and_journal(env: Env) -> None:
     for op_id in range(1, 4):
         actor.tell(ChangeRequest(a, op_id, inc(), None))
         await settle()
-    await env.registry.handoff(sid, "b")  # a snapshot at version 3
+    await env.handoff(sid, "b")  # a snapshot at version 3
     actor.tell(ChangeRequest(a, 4, inc(10), None))
     await settle()
     acked = a.of("ack")[-1]["version"]
@@ -251,10 +273,12 @@ async def test_crash_restarts_from_snapshot_and_journal(env: Env) -> None:
     described = await env.state(sid)
     assert (described["state"], described["version"], described["active"]) == ({"n": 13}, acked, "b")
     for link in (a, b):
-        assert link.resyncs == 1
-        assert link.queue[0]["t"] == "welcome" and link.queue[0]["mode"] == "full"
-        assert link.queue[0]["state"] == {"n": 13} and link.queue[0]["version"] == 4
-    assert c.resyncs == 0 and env.registry.lookup(other) is other_actor
+        # The fresh welcome replaced every queued frame it supersedes; acks stay, in order before it.
+        welcomes = link.of("welcome")
+        assert welcomes[-1]["mode"] == "full" and welcomes[-1]["state"] == {"n": 13} and welcomes[-1]["version"] == 4
+        assert {f["t"] for f in link.queue} <= {"welcome", "ack"} and link.queue[-1]["t"] == "welcome"
+    assert [f["id"] for f in a.of("ack")] == [1, 2, 3, 4]
+    assert len(c.of("welcome")) == 1 and env.registry.lookup(other) is other_actor
     assert (await env.state(other))["state"] == {"o": 1}
     # The restarted actor keeps serving, remembers acked ids, and keeps the order.
     actor.tell(ChangeRequest(a, 4, inc(10), None))
@@ -368,13 +392,13 @@ async def test_slow_consumer_gets_one_resync_then_4008(env: Env) -> None:
     sid = await env.session({"n": 0})
     slow = FakeLink("slow", limit=2)
     await env.attach(sid, slow)  # queue: [welcome]
-    await env.registry.change(sid, inc(), None)  # queue: [welcome, patch 1]
-    await env.registry.change(sid, inc(), None)  # overflow: replaced by one fresh welcome
+    await env.change(sid, inc(), None)  # queue: [welcome, patch 1]
+    await env.change(sid, inc(), None)  # overflow: replaced by one fresh welcome
     assert slow.resyncs == 1 and slow.resyncing and slow.closed is None
     assert [(f["t"], f["version"]) for f in slow.queue] == [("welcome", 2)]
     assert slow.queue[0]["mode"] == "full" and slow.queue[0]["state"] == {"n": 2}
-    await env.registry.change(sid, inc(), None)  # fits: [welcome, patch 3]
-    await env.registry.change(sid, inc(), None)  # overflows again before the welcome was written
+    await env.change(sid, inc(), None)  # fits: [welcome, patch 3]
+    await env.change(sid, inc(), None)  # overflows again before the welcome was written
     assert slow.closed is not None and slow.closed[0] == 4008
     assert replay(slow).version == 3
 
@@ -383,11 +407,11 @@ async def test_slow_consumer_that_caught_up_is_resynced_again_not_closed(env: En
     sid = await env.session({"n": 0})
     slow = FakeLink("slow", limit=1)
     await env.attach(sid, slow)
-    await env.registry.change(sid, inc(), None)
+    await env.change(sid, inc(), None)
     assert slow.resyncs == 1
     slow.flush()  # the welcome was written
-    await env.registry.change(sid, inc(), None)
-    await env.registry.change(sid, inc(), None)
+    await env.change(sid, inc(), None)
+    await env.change(sid, inc(), None)
     assert slow.resyncs == 2 and slow.closed is None
     assert replay(slow).state == {"n": 3}
 
@@ -405,7 +429,7 @@ async def test_replaced_link_is_closed_4009(env: Env) -> None:
     await settle()
     described = await env.state(sid)
     assert [d["device"] for d in described["devices"]] == ["a", "b"] and described["version"] == 0
-    await env.registry.change(sid, inc(), None)
+    await env.change(sid, inc(), None)
     assert new.of("patch") and not old.of("patch")
 
 
@@ -428,7 +452,7 @@ async def test_resync_in_a_group_commit_turn_sends_no_stale_patches(env: Env) ->
     a, slow = FakeLink("a"), FakeLink("slow", limit=3)
     actor = await env.attach(sid, a)
     await env.attach(sid, slow)  # [welcome 0]
-    await env.registry.change(sid, inc(), None)  # [welcome 0, patch 1]
+    await env.change(sid, inc(), None)  # [welcome 0, patch 1]
     for op_id in range(1, 4):  # one turn: versions 2, 3, 4; patch 2 fits, patch 3 overflows
         actor.tell(ChangeRequest(a, op_id, inc(), None))
     await settle()

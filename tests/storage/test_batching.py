@@ -29,13 +29,15 @@ class CountingJournal(MemoryJournal):
         self.gate = trio.Event()
         self.gate.set()
 
-    async def append_many(self, batches: Mapping[str, Sequence[Change]]) -> None:
+    async def append_many(
+        self, batches: Mapping[str, Sequence[Change]], tokens: Mapping[str, int] | None = None
+    ) -> None:
         self.calls.append(sorted(batches))
         await self.gate.wait()
         if self.fail is not None:
             raise self.fail
         for sid, changes in batches.items():
-            await self.append(sid, changes)
+            await self.append(sid, changes, (tokens or {}).get(sid, 0))
 
 
 def change(v: int) -> list[Change]:

@@ -6,8 +6,9 @@ import base64
 import uuid
 
 import pytest
+import trio
 
-from storage.ports import Change, SessionRecord, Snapshot, Storage
+from storage.ports import Change, Fenced, LeaseHeld, Member, SessionRecord, Snapshot, Storage, save_durable
 
 
 def uid(prefix: str = "") -> str:
@@ -243,3 +244,131 @@ async def test_journal_delete(storage: Storage) -> None:
 async def test_health_pings_succeed(storage: Storage) -> None:
     for probe in storage.health:
         await probe.ping()
+
+
+# --- fencing (DESIGN §6): a newer owner's token refuses the writes of an older one, in every store -----------
+
+
+async def take_over(storage: Storage, session_id: str, pod: str = "pod-a") -> int:
+    """What a new owner does (actors/leases.py): a lease token, then the session store's fence raised to it."""
+    assert storage.leases is not None
+    token = await storage.leases.acquire(session_id, pod, 30.0)
+    assert await storage.sessions.fence(session_id, token) == token
+    return token
+
+
+async def test_a_newer_token_fences_every_write_of_an_older_one(storage: Storage) -> None:
+    rec = record(uid("u-"))
+    await storage.sessions.create_session(rec)
+    sid = rec.id
+    old = await take_over(storage, sid)
+    await storage.journal.append(sid, [change(1), change(2)], old)
+    await storage.snapshots.save_snapshot(snapshot(sid, 1, epoch=old))  # may trim the journal up to 1
+    await save_durable(storage.snapshots, snapshot(sid, 1, epoch=old))
+    await storage.sessions.update_session(record(rec.owner, id=sid, version=1), old)
+    new = await take_over(storage, sid)
+    assert new > old
+    with pytest.raises(Fenced):
+        await storage.journal.append(sid, [change(3)], old)
+    with pytest.raises(Fenced):
+        await storage.snapshots.save_snapshot(snapshot(sid, 2, epoch=old))
+    with pytest.raises(Fenced):
+        await save_durable(storage.snapshots, snapshot(sid, 2, epoch=old))
+    with pytest.raises(Fenced):
+        await storage.sessions.update_session(record(rec.owner, id=sid, version=2, name="stale"), old)
+    # Nothing of the stale writer landed ...
+    assert await storage.journal.read_after(sid, 1) == [change(2)]
+    loaded = await storage.snapshots.load_snapshot(sid)
+    assert loaded is not None and loaded.version == 1
+    stored = await storage.sessions.get_session(sid)
+    assert stored is not None and (stored.version, stored.name) == (1, rec.name)
+    # ... and the new owner writes as usual.
+    await storage.journal.append(sid, [change(3)], new)
+    await save_durable(storage.snapshots, snapshot(sid, 2, epoch=new))
+    await storage.sessions.update_session(record(rec.owner, id=sid, version=2), new)
+    assert await storage.journal.read_after(sid, 2) == [change(3)]
+
+
+async def test_fence_never_lowers_and_unknown_sessions_take_the_token(storage: Storage) -> None:
+    rec = record(uid("u-"))
+    await storage.sessions.create_session(rec)
+    assert await storage.sessions.fence(rec.id, 10) == 10
+    assert await storage.sessions.fence(rec.id, 5) == 10
+    assert await storage.sessions.fence(uid("missing-"), 7) == 7
+    with pytest.raises(Fenced):
+        await storage.sessions.update_session(rec, 9)
+
+
+async def test_creation_writes_with_token_zero_before_any_owner(storage: Storage) -> None:
+    rec = record(uid("u-"))
+    await storage.sessions.create_session(rec)
+    await save_durable(storage.snapshots, snapshot(rec.id, 0))
+    await storage.sessions.update_session(rec)
+    assert await storage.snapshots.load_snapshot(rec.id) == snapshot(rec.id, 0)
+
+
+# --- leases, membership and the relay channels ------------------------------------------------------------
+
+
+async def test_lease_is_exclusive_until_released_and_tokens_grow(storage: Storage) -> None:
+    assert storage.leases is not None
+    sid = uid("s-")
+    first = await storage.leases.acquire(sid, "pod-a", 30.0)
+    with pytest.raises(LeaseHeld) as held:
+        await storage.leases.acquire(sid, "pod-b", 30.0)
+    assert held.value.holder == "pod-a"
+    assert await storage.leases.renew({sid: first}, "pod-a", 30.0) == set()
+    assert await storage.leases.renew({sid: first}, "pod-b", 30.0) == {sid}  # not pod-b's
+    again = await storage.leases.acquire(sid, "pod-a", 30.0)  # the holder itself: a new token
+    assert again > first
+    assert await storage.leases.renew({sid: first}, "pod-a", 30.0) == {sid}  # the old token is gone
+    await storage.leases.release(sid, "pod-a", first)  # not the current token: no effect
+    with pytest.raises(LeaseHeld):
+        await storage.leases.acquire(sid, "pod-b", 30.0)
+    await storage.leases.release(sid, "pod-a", again)
+    taken = await storage.leases.acquire(sid, "pod-b", 30.0, floor=again + 100)
+    assert taken > again + 100
+
+
+async def test_lease_expires_after_its_ttl(storage: Storage) -> None:
+    assert storage.leases is not None
+    sid = uid("s-")
+    await storage.leases.acquire(sid, "pod-a", 0.2)
+    with trio.fail_after(5):
+        while True:
+            try:
+                await storage.leases.acquire(sid, "pod-b", 30.0)
+                break
+            except LeaseHeld:
+                await trio.sleep(0.05)
+
+
+async def test_membership_lists_live_pods_and_forgets_leavers(storage: Storage) -> None:
+    assert storage.membership is not None
+    a, b = Member(uid("pod-a-")), Member(uid("pod-b-"), leaving=True, shareable=False, started_at=12.5)
+    await storage.membership.heartbeat(b, 30.0)
+    seen = {m.pod: m for m in await storage.membership.heartbeat(a, 30.0)}
+    assert seen[a.pod] == a and seen[b.pod] == b
+    await storage.membership.leave(b.pod)
+    assert b.pod not in {m.pod for m in await storage.membership.heartbeat(a, 30.0)}
+    short = Member(uid("pod-c-"))
+    await storage.membership.heartbeat(short, 0.2)
+    with trio.fail_after(5):
+        while short.pod in {m.pod for m in await storage.membership.heartbeat(a, 30.0)}:
+            await trio.sleep(0.05)
+    await storage.membership.leave(a.pod)
+
+
+async def test_pubsub_delivers_in_order_to_the_subscribed_pod_only(storage: Storage) -> None:
+    assert storage.pubsub is not None
+    pod, other = uid("pod-"), uid("pod-")
+    async with storage.pubsub.subscribe(pod) as subscription:
+        await storage.pubsub.publish([(pod, b"1"), (other, b"lost"), (pod, b"2")])
+        await storage.pubsub.publish([(pod, b"3")])
+        got: list[bytes] = []
+        with trio.fail_after(5):
+            while len(got) < 3:
+                messages, gap = await subscription.receive()
+                assert not gap
+                got.extend(messages)
+        assert got == [b"1", b"2", b"3"]

@@ -1,0 +1,136 @@
+"""When and how one session actor writes its snapshots (DESIGN §5 guarantee 2).
+
+Two tiers: a fast snapshot (Redis, with a tiered store) every N versions and on every handoff, and a durable
+one (PostgreSQL, else the SQLite file) every M versions or T seconds when changed, on pause, passivation,
+shutdown and moves. Periodic ones are written by a background task while the actor goes on serving (a slow
+database must not stall acks), at most one in flight; the others are awaited. Every write carries the actor's
+fencing token: a write refused as `Fenced` means another pod owns the session now.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from actors import metrics
+from actors.config import ActorConfig
+from actors.session import SessionState
+from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageError, save_durable
+
+
+class Checkpointer:
+    """The snapshot policy and writes of one actor; `state` is the actor's current SessionState."""
+
+    def __init__(
+        self, session_id: str, storage: Storage, config: ActorConfig, log: Any, on_fenced: Callable[[], None]
+    ) -> None:
+        self.session_id = session_id
+        self.storage = storage
+        self.config = config
+        self.token = 0  # the lease token every write carries (set once the lease is taken)
+        self._log = log
+        self._on_fenced = on_fenced
+        self.last_checkpoint_at: float | None = None  # wall clock of the last durable checkpoint
+        self.last_clock = trio.current_time()  # trio clock of the last durable attempt
+        self._fast_version = 0
+        # Each actor's own period (±10 %): sessions started together must not all checkpoint in the same instant.
+        self.period_s = config.checkpoint_every_s * random.uniform(0.9, 1.1)
+        self._busy: trio.Event | None = None  # set while a background checkpoint is being written
+        self.tasks: trio.Nursery | None = None  # where background writes run (the actor's serving nursery)
+
+    def due(self, state: SessionState, now: float) -> bool:
+        """Changed since the last durable checkpoint, and a period has passed."""
+        return state.version != state.checkpointed_version and now - self.last_clock >= self.period_s
+
+    async def now(
+        self, state: SessionState, reason: str, *, durable: bool = True, force: bool = False, raise_errors: bool = False
+    ) -> None:
+        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown."""
+        if self._busy is not None:
+            await self._busy.wait()  # never two writes of one session at once
+        taken = self._take(state, durable, force)
+        if taken is not None:
+            await self._write(state, *taken, durable=durable, reason=reason, raise_errors=raise_errors)
+
+    def soon(self, state: SessionState, reason: str, *, durable: bool = True) -> None:
+        """Take the snapshot now and write it in the background (periodic checkpoints)."""
+        if self._busy is not None or self.tasks is None:
+            return
+        taken = self._take(state, durable, force=False)
+        if taken is None:
+            return
+        done = self._busy = trio.Event()
+
+        async def write() -> None:
+            try:
+                await self._write(state, *taken, durable=durable, reason=reason, raise_errors=False)
+            finally:
+                self._busy = None
+                done.set()
+
+        self.tasks.start_soon(write)
+
+    def by_policy(self, state: SessionState) -> None:
+        """Fast snapshot every N versions (tiered stores), durable checkpoint every M versions."""
+        if state.version - state.checkpointed_version >= self.config.checkpoint_every_versions:
+            self.soon(state, "versions")
+        every = self.config.fast_snapshot_every_versions
+        if every is not None and state.version - self._fast_version >= every:
+            self.soon(state, "versions", durable=False)
+
+    def stopped_serving(self) -> None:
+        """The serving nursery is gone (its background write with it)."""
+        self.tasks = None
+        self._busy = None
+
+    def _take(self, state: SessionState, durable: bool, force: bool) -> tuple[Snapshot, SessionRecord] | None:
+        done = state.checkpointed_version if durable else self._fast_version
+        if not force and state.version == done:
+            return None
+        if durable:
+            self.last_clock = trio.current_time()  # the attempt: a failure is retried a period later
+        return state.snapshot(), state.record()
+
+    async def _write(
+        self,
+        state: SessionState,
+        snapshot: Snapshot,
+        record: SessionRecord,
+        *,
+        durable: bool,
+        reason: str,
+        raise_errors: bool,
+    ) -> None:
+        """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers."""
+        started = time.perf_counter()
+        storage = self.storage
+        try:
+            with trio.fail_after(self.config.storage_timeout_s):
+                if durable:
+                    await save_durable(storage.snapshots, snapshot)
+                    await storage.sessions.update_session(record, self.token)
+                else:
+                    await storage.snapshots.save_snapshot(snapshot)
+                await storage.journal.trim(self.session_id, snapshot.version)
+        except Fenced:
+            metrics.FENCED_WRITES.inc()
+            self._log.warning("checkpoint refused: another pod owns the session now", reason=reason)
+            if raise_errors:
+                raise
+            self._on_fenced()
+            return
+        except (StorageError, trio.TooSlowError) as exc:
+            metrics.CHECKPOINT_FAILURES.inc()
+            self._log.warning("checkpoint failed", reason=reason, error=str(exc) or type(exc).__name__)
+            if raise_errors:
+                raise
+            return
+        metrics.CHECKPOINT_SECONDS.labels("durable" if durable else "fast").observe(time.perf_counter() - started)
+        self._fast_version = max(self._fast_version, snapshot.version)
+        if durable:
+            state.checkpointed_version = max(state.checkpointed_version, snapshot.version)
+            self.last_checkpoint_at = time.time()
