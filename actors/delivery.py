@@ -1,8 +1,10 @@
 """Who receives which frame of a turn: the delivery rules as one pure function (DESIGN §5 guarantee 1).
 
 The actor performs a turn's effects in order. Two rules keep every device's stream gap- and duplicate-free:
-- a device that joined during the turn receives nothing before its welcome: the welcome already holds every
-  earlier change of the turn, so an earlier frame would arrive twice (and before the welcome);
+- a device that joined during the turn receives nothing before the welcome of its *last* join: that welcome
+  holds every earlier change of the turn, so an earlier frame would arrive twice (and before the welcome). Frames
+  are addressed by device, and a device that reconnected within the turn has frames of each connection: only
+  those from its newest connection's welcome on are for the link it has now;
 - a frame goes only to devices connected when the turn's effects are performed.
 What happens when a device's send queue overflows is decided where the device is connected (transport's send
 queue): it drops the superseded frames and asks the actor for a fresh welcome, which removes them again.
@@ -21,8 +23,14 @@ def recipients(
     effects: Iterable[Effect], connected: Collection[str], joined: Set[str]
 ) -> Iterator[tuple[Effect, list[str]]]:
     """Every effect of the turn, in order, with the devices its frame goes to (none for other effects)."""
-    awaiting = set(joined)
-    for effect in effects:
+    effects = list(effects)
+    opened_at: dict[str, int] = {}  # device -> index of its last join's welcome
+    if joined:
+        for index, effect in enumerate(effects):
+            if isinstance(effect, Send) and effect.opens and effect.device in joined:
+                opened_at[effect.device] = index
+    awaiting = set(opened_at)
+    for index, effect in enumerate(effects):
         if isinstance(effect, Broadcast):
             exclude = effect.exclude
             if awaiting:
@@ -35,7 +43,7 @@ def recipients(
                 yield effect, NOBODY
             elif device not in awaiting:
                 yield effect, [device]
-            elif effect.frame.get("t") == "welcome":
+            elif opened_at[device] == index:
                 awaiting.discard(device)
                 yield effect, [device]
             else:

@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from actors import metrics
-from actors.messages import ActorUnavailable
+from actors.messages import ActorUnavailable, NotOwner
 from storage.ports import LeaseHeld, Leases, SessionStore, StorageError
 
 log = structlog.get_logger("sessiond.leases")
@@ -41,6 +41,7 @@ class LeaseKeeper:
         self.margin_s = ttl_s / 6  # stop this long before the lease could expire at Redis
         self.acquire_wait_s = 2 * ttl_s  # a lease held elsewhere is waited for this long (a move in progress)
         self._held: dict[str, _Held] = {}
+        self.is_mine: Callable[[str], bool] = lambda _session: True  # placement, set by the router
         self.renewals = 0
         self.lost = 0
 
@@ -54,6 +55,8 @@ class LeaseKeeper:
             try:
                 token = await self.leases.acquire(session_id, self.pod, self.ttl_s, floor)
             except LeaseHeld as exc:
+                if not self.is_mine(session_id):  # the view changed while we waited: the owner is elsewhere
+                    raise NotOwner(f"the session is placed on another pod now (held by {exc.holder})") from exc
                 if trio.current_time() >= deadline:
                     raise ActorUnavailable(f"the session is moving (held by {exc.holder}); retry") from exc
                 await trio.sleep(ACQUIRE_RETRY_S)

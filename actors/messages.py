@@ -26,6 +26,10 @@ class ActorUnavailable(Exception):
     """The actor could not answer (storage down, failed session, shutting down)."""
 
 
+class NotOwner(ActorUnavailable):
+    """The pod asked does not place the session on itself (views differ for a moment): ask again."""
+
+
 class Outgoing:
     """One server→client frame shared by every device it goes to; transport fills `encoded` once per format."""
 

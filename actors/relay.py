@@ -21,6 +21,7 @@ reconnects, resumes and retransmits), never silently continued.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -57,7 +58,7 @@ def decode(data: bytes) -> tuple[str, float, list[Item]]:
         not isinstance(message, list)
         or len(message) != 3
         or not isinstance(message[0], str)
-        or not isinstance(message[1], int | float)
+        or not _is_number(message[1])
         or not isinstance(message[2], list)
     ):
         raise BadRelayMessage("not a relay envelope")
@@ -72,8 +73,20 @@ def result_to_wire(result: Accepted | Rejected) -> list[Any]:
 
 
 def result_from_wire(value: Any) -> Accepted | Rejected:
-    if isinstance(value, list) and value and value[0] == "acc" and len(value) == 3:
-        return Accepted(int(value[1]), value[2])
-    if isinstance(value, list) and value and value[0] == "rej" and len(value) == 4:
-        return Rejected(str(value[1]), str(value[2]), value[3])
+    if isinstance(value, list) and len(value) == 3 and value[0] == "acc":
+        _, version, active = value
+        if _is_int(version) and (active is None or isinstance(active, str)):
+            return Accepted(version, active)
+    elif isinstance(value, list) and len(value) == 4 and value[0] == "rej":
+        _, code, message, version = value
+        if isinstance(code, str) and isinstance(message, str) and (version is None or _is_int(version)):
+            return Rejected(code, message, version)
     raise BadRelayMessage(f"not a change result: {value!r}"[:200])
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and math.isfinite(value)

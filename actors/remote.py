@@ -31,6 +31,7 @@ from actors.messages import (
     DeviceLink,
     End,
     Message,
+    NotOwner,
     Outgoing,
     Overloaded,
     PauseRequest,
@@ -49,10 +50,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sessiond.relay")
 
 DETACH_RETRY_S = 0.01
-
-
-class NotOwner(ActorUnavailable):
-    """The pod asked does not place the session on itself (views differ for a moment): ask again."""
 
 
 # ---- the owner's side: a device connected elsewhere ------------------------------------------------------

@@ -26,17 +26,19 @@ from actors.messages import (
     Describe,
     DeviceLink,
     End,
+    NotOwner,
     RestChange,
     RestHandoff,
 )
 from actors.registry import Registry
 from actors.relay import result_from_wire
-from actors.remote import NotOwner, Relay, local_peek
+from actors.remote import Relay, local_peek
 from storage.ports import Member, Storage, StorageError
 
 log = structlog.get_logger("sessiond.router")
 
 RETRY_DELAY_S = 0.1
+SWEEP_EVERY_BEATS = 8
 PEEK_TIMEOUT_S = 2.0
 
 
@@ -72,6 +74,7 @@ class Router:
         self.conflict: str | None = None
         self.last_heartbeat: float | None = None  # trio clock of the last heartbeat Redis confirmed
         self.relay = Relay(pod, storage.pubsub, registry, self.is_mine)
+        leases.is_mine = self.is_mine  # an activation waiting for a lease gives up once the session moves on
         self.moves_out = 0
 
     # ---- placement ----------------------------------------------------------------------------------
@@ -107,9 +110,14 @@ class Router:
 
     async def _heartbeats(self) -> None:
         interval = self.ttl_s / 4
+        beats = 0
         while True:
             await trio.sleep(interval)
             await self.heartbeat()
+            beats += 1
+            if beats % SWEEP_EVERY_BEATS == 0 and not self.registry.closing:
+                # Moves happen when the view changes; this sweep catches an activation that raced one.
+                self.moves_out += self.registry.move_out(self.is_mine)
 
     async def heartbeat(self) -> None:
         assert self.storage.membership is not None

@@ -35,10 +35,12 @@ def _copy_json(value: dict[str, JSON]) -> dict[str, JSON]:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """One frame to one connected device."""
+    """One frame to one connected device. `opens`: the welcome of a join, the first frame of a new connection
+    (frames to the device before it in the same turn were meant for an older connection)."""
 
     device: str
     frame: dict[str, JSON]
+    opens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +262,7 @@ class SessionState:
         self.devices[device] = DeviceInfo(device, kind)
         if resume_epoch != self.epoch:
             resume = None  # another incarnation's version numbers: only the full state is safe
-        self.effects.append(Send(device, self.welcome(device, resume)))
+        self.effects.append(Send(device, self.welcome(device, resume), opens=True))
         self.effects.append(Broadcast(self._presence(), exclude=device))
         self.effects.append(Publish("device.joined", {"device": device, "kind": kind}))
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from actors import metrics
-from actors.messages import ActorUnavailable
+from actors.messages import ActorUnavailable, NotOwner
 from actors.session import SessionState
 from protocol import codes
 from storage.ports import StorageError, StorageUnavailable
@@ -71,6 +71,8 @@ async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] =
             try:
                 actor.state = await load(actor, wait_for_storage=started)
                 actor.degraded = False
+                if not started and not actor.leases.is_mine(actor.id):
+                    raise NotOwner("the session was placed on another pod while it was loading")
                 if not started:
                     metrics.ACTIVATIONS.inc()
                     metrics.ACTORS_LIVE.inc()

@@ -32,6 +32,7 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("rate-limit", str, "frames per second / burst per connection, e.g. 50/100"),
     ("max-frame", int, "largest accepted frame in bytes"),
     ("pod-id", str, "this pod's name in the cluster"),
+    ("lease-ttl-s", float, "cluster membership and session-lease TTL in seconds"),
     ("log-format", str, "console or json"),
     ("log-level", str, "debug, info, warning, error"),
     ("jwt-audience", str, "expected JWT aud"),
@@ -93,13 +94,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from actors.router import ClusterConflict
     from api.auth import Authenticator
     from api.logs import configure_logging
     from api.server import serve
 
     configure_logging(settings.log_format, settings.log_level)
     authenticator = Authenticator.from_settings(settings)  # may create the dev key: before trio.run
-    trio.run(serve, settings, authenticator)
+    refused: list[BaseException] = []
+    try:
+        trio.run(serve, settings, authenticator)
+    except* ClusterConflict as group:
+        refused.extend(group.exceptions)
+    if refused:
+        print(f"sessiond: refusing to start: {refused[0]}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -55,8 +55,8 @@ class SendQueue:
         if kind == "welcome":
             self._drop_superseded()
             self._append(True, data)
-            if self._awaiting:  # the answer to our overflow: resyncing until it is out
-                self._awaiting = False
+            if self._awaiting or self._welcome_left:  # the answer to our overflow (or its replacement):
+                self._awaiting = False  # resyncing until it is out
                 self._welcome_left = len(self._items)
             return Push.QUEUED
         if superseded and self._awaiting:

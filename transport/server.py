@@ -264,7 +264,11 @@ class WebSocketServer:
                 watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
                 nursery.start_soon(watch.run, nursery)
                 await self._read_loop(ws, conn, actor, watch)
-                # The reader returns when the peer closed: stop the writer and watchers.
+                if conn.close_request is not None:
+                    # We are closing: the writer flushes and sends the close frame (bounded by the connection's
+                    # close grace); cancelling it now would cut the TCP connection without one (1006).
+                    await conn.closed.wait()
+                # The peer closed (or our close is done): stop the writer and watchers.
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:

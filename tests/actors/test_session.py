@@ -199,6 +199,7 @@ def test_join_sends_full_welcome_and_presence_to_others() -> None:
             "mode": "full",
             "state": {"n": 1},
         },
+        opens=True,
     )
     assert effects[1] == Broadcast({"t": "presence", "devices": devices, "active": None}, exclude="b")
     assert effects[2] == Publish("device.joined", {"device": "b", "kind": "ios"})

@@ -76,6 +76,16 @@ async def test_bad_and_oversized_frames(server: Harness) -> None:
         assert (await d.recv_type("ack"))["version"] == 1  # still connected, still served
 
 
+async def test_a_garbage_flood_is_closed_with_1008_and_a_close_frame(server: Harness) -> None:
+    """The server closes while the peer is still sending: the close frame must still go out (a regression: the
+    reader stopped first and cut the writer, so the peer saw 1006 without a code or a reason)."""
+    sid = await server.create_session()
+    async with raw_device(server, sid) as d:
+        for _ in range(150):  # more than the 100 bad frames in a row the server tolerates, sent in one burst
+            await d.send("{")
+        assert await d.closed_code() == 1008
+
+
 async def test_first_frame_must_be_hello(server: Harness) -> None:
     async with raw_device(server, None, hello={}) as d:
         await d.send({"t": "op", "id": 1, "ops": [{"op": "del", "path": "/x"}]})
