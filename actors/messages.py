@@ -26,6 +26,10 @@ class ActorUnavailable(Exception):
     """The actor could not answer (storage down, failed session, shutting down)."""
 
 
+class SessionNotFound(LookupError):
+    """No such session, or it has ended."""
+
+
 class NotOwner(ActorUnavailable):
     """The pod asked does not place the session on itself (views differ for a moment): ask again."""
 

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from protocol import codes
+
 JSON = Any
 _MISSING = object()
 MAX_POINTER_DEPTH = 32
@@ -24,13 +26,13 @@ _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 class InvalidOp(ValueError):
     """The change cannot apply to the current state; nothing was changed."""
 
-    code = "invalid_op"
+    code = codes.INVALID_OP
 
 
 class TooLarge(InvalidOp):
     """The change would grow the state past its size limit; nothing was changed."""
 
-    code = "too_large"
+    code = codes.TOO_LARGE
 
 
 def parse_pointer(path: str) -> list[str]:

@@ -11,7 +11,9 @@ gap: pub/sub is at-most-once, so a cut device reconnects, resumes and retransmit
 from __future__ import annotations
 
 import itertools
+import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sessiond.relay")
 
 DETACH_RETRY_S = 0.01
+UNKNOWN_REMEMBERED = 1024
 
 
 # ---- the owner's side: a device connected elsewhere ------------------------------------------------------
@@ -94,6 +97,7 @@ class RemoteLink:
             if code == codes.GOING_AWAY:
                 code, reason = codes.TRY_AGAIN_LATER, "session moving to another pod"
             self.relay.queue(self.pod, ["c", self.conn, code, reason])
+            self.relay.forget_link(self)  # the edge forgets it on the close: no detach comes back
 
 
 # ---- the edge's side: an actor on another pod ------------------------------------------------------------
@@ -169,8 +173,11 @@ class Relay:
         self._edges: dict[int, EdgeLink] = {}
         self._links: dict[tuple[str, int], RemoteLink] = {}
         self._asks: dict[int, tuple[str, Reply]] = {}
+        self._unknown: OrderedDict[tuple[str, int], None] = OrderedDict()  # links we said we do not have
         self._req = itertools.count(1)
-        self._conn = itertools.count(1)
+        # Connection numbers start at random: a restarted process under the same pod name must not reuse its
+        # predecessor's numbers while other pods may still hold links to them.
+        self._conn = itertools.count(random.getrandbits(40))
         self._tasks: trio.Nursery | None = None
         self.ready = trio.Event()
         self.sent = 0
@@ -330,7 +337,11 @@ class Relay:
             conn, seq = targets[i], targets[i + 1]
             edge = self._edges.get(conn)
             if edge is None or edge.owner != pod:
-                self.queue(pod, ["m", conn, 0, "detach", None])  # a link the owner still has and we do not
+                if (pod, conn) not in self._unknown:  # a link the owner still has and we do not: tell it once
+                    self._unknown[(pod, conn)] = None
+                    if len(self._unknown) > UNKNOWN_REMEMBERED:
+                        self._unknown.popitem(last=False)
+                    self.queue(pod, ["m", conn, 0, "detach", None])
                 continue
             if seq != edge.expect_in:
                 self._gap(f"frame {seq} where {edge.expect_in} was due")
@@ -427,10 +438,13 @@ class Relay:
             if actor.gone:
                 link.close(codes.TRY_AGAIN_LATER, "session unavailable, reconnect")
 
-    def _drop_link(self, link: RemoteLink) -> None:
-        """The device is gone from its pod: the actor must hear it, even when its mailbox is full."""
+    def forget_link(self, link: RemoteLink) -> None:
         if self._links.get((link.pod, link.conn)) is link:
             del self._links[(link.pod, link.conn)]
+
+    def _drop_link(self, link: RemoteLink) -> None:
+        """The device is gone from its pod: the actor must hear it, even when its mailbox is full."""
+        self.forget_link(link)
         link.closed = True
         actor = link.actor
         if actor is not None and not actor.stopped.is_set():

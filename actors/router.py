@@ -136,13 +136,15 @@ class Router:
         self.conflict = _conflict(self.pod, self.storage.shareable, view)
         if self.conflict is not None:
             log.error("cluster conflict: this pod must not serve", problem=self.conflict)
-        old_live = set(self.members)
+        old = self.members
+        # A pod name that came back with another start time is a new process: its predecessor's links are gone.
+        restarted = {p for p, m in view.items() if p != self.pod and p in old and old[p].started_at != m.started_at}
         placed = sorted(pod for pod, m in view.items() if not m.leaving)
         self.members = view
         metrics.CLUSTER_MEMBERS.set(len(view))
-        if set(view) != old_live:
-            log.info("cluster members changed", members=sorted(view))
-            self.relay.pods_changed(set(view))
+        if set(view) != set(old) or restarted:
+            log.info("cluster members changed", members=sorted(view), restarted=sorted(restarted))
+            self.relay.pods_changed(set(view) - restarted)
         if placed != self._placed:
             self._placed = placed or [self.pod]
             if not self.registry.closing:

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from actors.ops import InvalidOp, TooLarge, apply_ops
+from protocol import codes
 from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any
@@ -318,20 +319,20 @@ class SessionState:
         `size_hint`: an upper bound of the ops' encoded size (the frame's length), saving an encode here.
         """
         if self.status == "ended":
-            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+            return self._reject(device, op_id, Rejected(codes.E_NOT_FOUND, "session ended"))
         if op_id is not None:
             answered = self._answered(device, op_id)
             if answered is not None:
                 return Accepted(answered)
         if base is not None and base != self.version:
             return self._reject(
-                device, op_id, Rejected("conflict", f"base {base} is not the current version", self.version)
+                device, op_id, Rejected(codes.CONFLICT, f"base {base} is not the current version", self.version)
             )
         if size_hint is None:
             try:
                 size_hint = len(orjson.dumps(ops))
             except TypeError as exc:  # e.g. an integer beyond 64 bits: storable nowhere
-                return self._reject(device, op_id, Rejected("invalid_op", str(exc), self.version))
+                return self._reject(device, op_id, Rejected(codes.INVALID_OP, str(exc), self.version))
         estimate = self.approx_bytes + size_hint
         try:
             # The running estimate only grows; only when it crosses the limit do we measure exactly.
@@ -363,13 +364,13 @@ class SessionState:
     def pause(self, device: str, op_id: int, now: float) -> Result:
         """The active device pauses: snapshot first, then everyone hears the session is free."""
         if self.status == "ended":
-            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+            return self._reject(device, op_id, Rejected(codes.E_NOT_FOUND, "session ended"))
         answered = self._answered(device, op_id)
         if answered is not None:
             return Accepted(answered, self.active)
         if self.active is not None and self.active != device:
             return self._reject(
-                device, op_id, Rejected("conflict", f"only the active device ({self.active}) may pause")
+                device, op_id, Rejected(codes.CONFLICT, f"only the active device ({self.active}) may pause")
             )
         self.status = "paused"
         self._set_active(None, now, checkpoint="pause")
@@ -380,7 +381,7 @@ class SessionState:
     def claim(self, device: str, op_id: int | None, now: float) -> Result:
         """`device` becomes active (a WebSocket claim, or REST handoff when op_id is None)."""
         if self.status == "ended":
-            return self._reject(device, op_id, Rejected("not_found", "session ended"))
+            return self._reject(device, op_id, Rejected(codes.E_NOT_FOUND, "session ended"))
         if op_id is not None:
             answered = self._answered(device, op_id)
             if answered is not None:

@@ -44,6 +44,7 @@ from actors.messages import (
     RestChange,
     RestHandoff,
     Resync,
+    SessionNotFound,
     Shutdown,
 )
 from actors.session import (
@@ -67,10 +68,6 @@ TURN_MAX = 256
 TICK_RETRY_S = 0.1
 
 log = structlog.get_logger("sessiond.actor")
-
-
-class SessionNotFound(LookupError):
-    """No such session, or it has ended."""
 
 
 class _Tick:

@@ -25,12 +25,11 @@ from quart_schema import (
 )
 from quart_trio import QuartTrio
 
-from actors.messages import ActorUnavailable, Describe, End, Overloaded, RestChange, RestHandoff
+from actors.messages import ActorUnavailable, Describe, End, Overloaded, RestChange, RestHandoff, SessionNotFound
 from actors.ops import MAX_STATE_DEPTH, nesting_ok
 from actors.registry import Registry
 from actors.router import Router
 from actors.session import Accepted, Rejected
-from actors.session_actor import SessionNotFound
 from api import metrics
 from api.auth import Authenticator, AuthError, Claims
 from api.settings import Settings
@@ -167,13 +166,13 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 header = request.headers.get("Authorization", "")
                 if header[:7].lower() != "bearer " or not header[7:].strip():
-                    raise ApiError("unauthorized", "missing Authorization: Bearer token")
+                    raise ApiError(codes.E_UNAUTHORIZED, "missing Authorization: Bearer token")
                 try:
                     claims = auth.verify(header[7:].strip())
                 except AuthError as exc:
-                    raise ApiError("unauthorized", exc.message) from None
+                    raise ApiError(codes.E_UNAUTHORIZED, exc.message) from None
                 if admin and not claims.is_admin:
-                    raise ApiError("forbidden", "admin role required")
+                    raise ApiError(codes.E_FORBIDDEN, "admin role required")
                 g.claims = claims
                 return await handler(*args, **kwargs)
 
@@ -184,18 +183,18 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     async def owned(session_id: str) -> SessionRecord:
         """The session record if the caller owns it: 404 when unknown, 403 when someone else's."""
         if not SESSION_RE.fullmatch(session_id):
-            raise ApiError("not_found", "no such session")
+            raise ApiError(codes.E_NOT_FOUND, "no such session")
         record = await storage.sessions.get_session(session_id)
         if record is None:
-            raise ApiError("not_found", "no such session")
+            raise ApiError(codes.E_NOT_FOUND, "no such session")
         claims: Claims = g.claims
         if record.owner != claims.sub:
-            raise ApiError("forbidden", "not your session")
+            raise ApiError(codes.E_FORBIDDEN, "not your session")
         return record
 
     def live(record: SessionRecord) -> SessionRecord:
         if record.status == "ended":
-            raise ApiError("not_found", "session ended")
+            raise ApiError(codes.E_NOT_FOUND, "session ended")
         return record
 
     @app.errorhandler(ApiError)
@@ -206,39 +205,39 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def schema_error(exc: RequestSchemaValidationError) -> Response:
-        return await api_error(ApiError("bad_frame", f"invalid request body: {exc.validation_error}"[:500]))
+        return await api_error(ApiError(codes.BAD_FRAME, f"invalid request body: {exc.validation_error}"[:500]))
 
     @app.errorhandler(SessionNotFound)
     async def not_found(exc: SessionNotFound) -> Response:
-        return await api_error(ApiError("not_found", "no such session"))
+        return await api_error(ApiError(codes.E_NOT_FOUND, "no such session"))
 
     @app.errorhandler(Overloaded)
     async def overloaded(exc: Overloaded) -> Response:
-        return await api_error(ApiError("rate_limited", "session busy, retry shortly"))
+        return await api_error(ApiError(codes.RATE_LIMITED, "session busy, retry shortly"))
 
     @app.errorhandler(ActorUnavailable)
     async def unavailable(exc: ActorUnavailable) -> Response:
-        return await api_error(ApiError("unavailable", str(exc)))
+        return await api_error(ApiError(codes.UNAVAILABLE, str(exc)))
 
     @app.errorhandler(StorageUnavailable)
     async def storage_down(exc: StorageUnavailable) -> Response:
-        return await api_error(ApiError("unavailable", "storage unavailable, retry later"))
+        return await api_error(ApiError(codes.UNAVAILABLE, "storage unavailable, retry later"))
 
     @app.errorhandler(413)
     async def too_large(exc: Exception) -> Response:
-        return await api_error(ApiError("too_large", "request body too large"))
+        return await api_error(ApiError(codes.TOO_LARGE, "request body too large"))
 
     @app.errorhandler(400)
     async def bad_request(exc: Exception) -> Response:
-        return await api_error(ApiError("bad_frame", "malformed request (expected a JSON body)"))
+        return await api_error(ApiError(codes.BAD_FRAME, "malformed request (expected a JSON body)"))
 
     @app.errorhandler(404)
     async def no_route(exc: Exception) -> Response:
-        return await api_error(ApiError("not_found", "no such route"))
+        return await api_error(ApiError(codes.E_NOT_FOUND, "no such route"))
 
     @app.errorhandler(405)
     async def bad_method(exc: Exception) -> Response:
-        body = {"error": {"code": "bad_frame", "message": "method not allowed"}}
+        body = {"error": {"code": codes.BAD_FRAME, "message": "method not allowed"}}
         return _json(body, 405)
 
     @app.post("/v1/sessions")
@@ -247,11 +246,11 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     @document_response(SessionOut, 201)
     async def create_session(data: CreateSession) -> Response:
         if not (nesting_ok(data.state) and nesting_ok(data.metadata)):
-            raise ApiError("bad_frame", f"state and metadata may nest at most {MAX_STATE_DEPTH} levels")
+            raise ApiError(codes.BAD_FRAME, f"state and metadata may nest at most {MAX_STATE_DEPTH} levels")
         if len(orjson.dumps(data.metadata)) > MAX_METADATA_BYTES:
-            raise ApiError("too_large", f"metadata larger than {MAX_METADATA_BYTES} bytes")
+            raise ApiError(codes.TOO_LARGE, f"metadata larger than {MAX_METADATA_BYTES} bytes")
         if len(orjson.dumps(data.state)) > settings.max_state_bytes:
-            raise ApiError("too_large", f"state larger than {settings.max_state_bytes} bytes")
+            raise ApiError(codes.TOO_LARGE, f"state larger than {settings.max_state_bytes} bytes")
         claims: Claims = g.claims
         record = await registry.create_session(claims.sub, data.name, data.metadata, data.state)
         return _json({**_record_json(record), "state": data.state, "devices": []}, 201)
@@ -265,7 +264,7 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
         try:
             records, cursor = await storage.sessions.list_sessions(claims.sub, query_args.limit, query_args.cursor)
         except ValueError:
-            raise ApiError("bad_frame", "invalid cursor") from None
+            raise ApiError(codes.BAD_FRAME, "invalid cursor") from None
         # Live actors (on any pod) know more than the last checkpoint: every pod answers the same (DESIGN §6).
         live = await router.peek([r.id for r in records if r.status != "ended"])
         out = []

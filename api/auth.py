@@ -26,6 +26,7 @@ from structlog.typing import FilteringBoundLogger
 
 from api.logs import get_logger
 from api.settings import Settings, SettingsError
+from protocol import codes
 
 ADMIN_ROLE = "admin"
 MAX_SUB_CHARS = 256
@@ -50,7 +51,7 @@ class Claims:
 class AuthError(Exception):
     """A token was refused; `message` says why and never quotes the token."""
 
-    code = "unauthorized"
+    code = codes.E_UNAUTHORIZED
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -14,14 +14,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("actors", "transport", "storage", "api", "client", "bench")
+PACKAGES = ("protocol", "actors", "transport", "storage", "api", "client", "bench")
 
 # package -> module prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "protocol": ("actors", "transport", "storage", "api", "client", "bench"),  # pure: both sides import it
     "actors": ("transport", "api", "client"),
     "storage": ("actors", "transport", "api", "client"),
     "transport": ("api",),
     "client": ("api", "transport.server", "storage"),
+}
+# Transport and api reach actors only through the router and the messages/references it deals in (DESIGN §1, §6):
+# package -> the only modules of `actors` it may import.
+ACTORS_VIA: dict[str, tuple[str, ...]] = {
+    "transport": ("actors.messages", "actors.router"),
+    "api": ("actors.messages", "actors.router", "actors.registry", "actors.session", "actors.ops", "actors.config",
+            "actors.leases"),
 }
 ENV_READER = "api/settings.py"
 # The environment rule is about the product's configuration. bench/ is a harness that starts servers as child
@@ -96,8 +104,10 @@ def layering_violations(root: Path) -> list[str]:
     violations: list[str] = []
     for path in source_files(root, PACKAGES):
         module = module_name(path, root)
-        banned = FORBIDDEN.get(module.split(".")[0], ())
-        if not banned:
+        package = module.split(".")[0]
+        banned = FORBIDDEN.get(package, ())
+        via = ACTORS_VIA.get(package)
+        if not banned and via is None:
             continue
         rel = path.relative_to(root)
         try:
@@ -106,6 +116,14 @@ def layering_violations(root: Path) -> list[str]:
             violations.append(f"{rel}:{exc.lineno}: cannot parse: {exc.msg}")
             continue
         bad = {name: prefix for name in names for prefix in banned if matches(name, prefix)}
+        if via is not None:
+            bad.update(
+                {
+                    name: "actors outside " + ", ".join(via)
+                    for name in names
+                    if matches(name, "actors") and name != "actors" and not any(matches(name, m) for m in via)
+                }
+            )
         # `from a import b` yields a and a.b: report the outermost forbidden name only
         violations.extend(
             f"{rel} imports {name} (forbidden: {prefix})"

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import msgpack
 import orjson
 
+from protocol import codes
 from transport.frames import DEVICE_KINDS, Auth, Claim, ClientFrame, Hello, Op, Pause, ProtocolError
 
 JSON = Any
@@ -51,7 +52,7 @@ def choose_subprotocol(offered: Sequence[str]) -> str | None:
 
 
 def _bad(message: str) -> ProtocolError:
-    return ProtocolError("bad_frame", message)
+    return ProtocolError(codes.BAD_FRAME, message)
 
 
 def _json_depth_ok(value: JSON, level: int) -> bool:
@@ -285,10 +286,10 @@ def decode(data: str | bytes, subprotocol: str) -> ClientFrame:
         raise _bad("a frame must be an object")
     kind = obj.get("t")
     if type(kind) is not str:
-        raise ProtocolError("bad_frame", "'t' must be a string", id=_frame_id(obj))
+        raise ProtocolError(codes.BAD_FRAME, "'t' must be a string", id=_frame_id(obj))
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise ProtocolError("bad_frame", f"unknown frame type {kind[:32]!r}", id=_frame_id(obj))
+        raise ProtocolError(codes.BAD_FRAME, f"unknown frame type {kind[:32]!r}", id=_frame_id(obj))
     try:
         return parser(obj)
     except ProtocolError as exc:

@@ -25,9 +25,9 @@ from actors.messages import (
     Overloaded,
     PauseRequest,
     Resync,
+    SessionNotFound,
 )
 from actors.router import Router
-from actors.session_actor import SessionNotFound
 from protocol import codes
 from transport import codec, metrics
 from transport.connection import Connection

@@ -246,3 +246,26 @@ async def test_a_lease_that_cannot_be_renewed_stops_its_actor_in_time(cluster: C
             await trio.sleep(0.02)
     assert trio.current_time() - started < TTL_S  # stopped before the lease could expire
     assert link.closed is not None and link.closed[0] == 1013
+
+
+async def test_a_retransmit_after_a_move_is_answered_not_applied_again(cluster: Cluster) -> None:
+    """Op ids travel with the session (snapshot + journal): the new owner acks a retransmitted id with its original
+    version instead of applying it twice (DESIGN §3)."""
+    sid = await cluster.session()
+    owner, edge = cluster.owner_and_other(sid)
+    link = FakeLink("phone")
+    ref = await attach(owner, sid, link)
+    for op_id in (7, 8):
+        ref.tell(ChangeRequest(link, op_id, inc(), None))
+    await settle()
+    assert [(f["id"], f["version"]) for f in link.of("ack")] == [(7, 1), (8, 2)]
+    await owner.router.drain(grace_s=5)  # the session moves; the device resumes on the other pod
+    owner.scope.cancel()
+    await cluster.converge()
+    again = FakeLink("phone")
+    ref = await attach(edge, sid, again)
+    for op_id in (7, 8, 9):  # 7 and 8 were applied: only their acks come back; 9 is new
+        ref.tell(ChangeRequest(again, op_id, inc(), None))
+    await settle()
+    assert [(f["id"], f["version"]) for f in again.of("ack")] == [(7, 1), (8, 2), (9, 3)]
+    assert b'"n":3' in await edge.router.ask(sid, Describe())

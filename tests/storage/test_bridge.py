@@ -169,3 +169,59 @@ async def test_caller_waiting_at_shutdown_gets_bridge_closed() -> None:
         await nursery.start(waiter, bridge)
         await trio.sleep(0.02)
     assert len(errors) == 1
+
+
+# ---- the bounded asyncio -> trio stream (pub/sub subscriptions) -------------------------------------------
+
+
+async def test_stream_delivers_in_order_from_the_asyncio_side() -> None:
+    async with open_bridge() as bridge:
+        stream = bridge.stream(max_items=100, max_bytes=1 << 20)
+
+        def produce() -> None:
+            for i in range(50):
+                stream.push(str(i).encode())
+
+        bridge.call_soon(produce)
+        got: list[bytes] = []
+        with trio.fail_after(5):
+            while len(got) < 50:
+                items, gap = await stream.receive()
+                assert not gap
+                got.extend(items)
+        assert got == [str(i).encode() for i in range(50)]
+
+
+async def test_stream_is_bounded_and_reports_what_it_dropped_as_a_gap() -> None:
+    """A consumer that falls behind does not grow the process: past the bounds messages are dropped, and the next
+    receive says so (the relay then resyncs its links instead of silently missing frames)."""
+    async with open_bridge() as bridge:
+        stream = bridge.stream(max_items=10, max_bytes=1 << 20)
+        by_bytes = bridge.stream(max_items=1000, max_bytes=100)
+        done = trio.Event()
+
+        def produce() -> None:
+            for i in range(25):
+                stream.push(b"%d" % i)
+            for _ in range(5):
+                by_bytes.push(b"x" * 40)  # the third one would pass 100 bytes
+            bridge._token.run_sync_soon(done.set)
+
+        bridge.call_soon(produce)
+        with trio.fail_after(5):
+            await done.wait()
+            items, gap = await stream.receive()
+            assert gap and items == [b"%d" % i for i in range(10)] and stream.dropped == 15
+            items, gap = await by_bytes.receive()
+            assert gap and len(items) == 2
+        bridge.call_soon(stream.push, b"later")  # room again once taken
+        with trio.fail_after(5):
+            assert await stream.receive() == ([b"later"], False)
+
+
+async def test_stream_gap_marker_alone_wakes_the_consumer() -> None:
+    async with open_bridge() as bridge:
+        stream = bridge.stream(max_items=10, max_bytes=1000)
+        bridge.call_soon(stream.mark_gap)
+        with trio.fail_after(5):
+            assert await stream.receive() == ([], True)
