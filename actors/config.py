@@ -14,7 +14,14 @@ class ActorConfig:
     checkpoint_every_versions: int = 1000  # durable checkpoint (PostgreSQL / SQLite) every M versions ...
     checkpoint_every_s: float = 5.0  # ... or T seconds when changed
     fast_snapshot_every_versions: int | None = None  # tiered stores (Redis): a fast snapshot every N versions
+    # Every handoff snapshot to the durable tier too (durability=postgres: an acked claim must survive losing Redis).
+    durable_handoffs: bool = False
     max_restarts: int = 10
     restart_window_s: float = 60.0
     storage_timeout_s: float = 5.0
     memory_budget_bytes: int = 512 << 20  # state bytes of all live actors; idle ones beyond it are passivated
+
+    @property
+    def handoff_to_durable_tier(self) -> bool:
+        """Whether a handoff's snapshot goes to the durable tier (always when it is the only tier)."""
+        return self.durable_handoffs or self.fast_snapshot_every_versions is None

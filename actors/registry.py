@@ -21,7 +21,7 @@ from actors.leases import LeaseKeeper
 from actors.messages import ActorUnavailable, Message, Overloaded, Passivate, Shutdown
 from actors.session_actor import SessionActor, SessionNotFound, now_iso
 from protocol import codes
-from storage.ports import JSON, SessionRecord, Snapshot, Storage
+from storage.ports import JSON, SessionRecord, Snapshot, Storage, save_durable
 
 log = structlog.get_logger("sessiond.registry")
 BUDGET_CHECK_S = 1.0
@@ -198,7 +198,8 @@ class Registry:
         )
         await self.storage.sessions.record_user(owner)
         await self.storage.sessions.create_session(record)
-        await self.storage.snapshots.save_snapshot(Snapshot(record.id, 0, state, "active", None))
+        # The durable tier: the 201 promises the initial state whatever the durability mode (Redis may lose it).
+        await save_durable(self.storage.snapshots, Snapshot(record.id, 0, state, "active", None))
         self.storage.events.publish(
             "session.created",
             {"type": "session.created", "session": record.id, "owner": owner, "at": now_iso(), "name": name},

@@ -429,8 +429,8 @@ class SessionActor:
         assert state is not None
         for effect in syncs:
             if effect.sync:
-                # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when it is the only one.
-                durable = effect.reason == "pause" or self.config.fast_snapshot_every_versions is None
+                # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when the mode asks for it.
+                durable = effect.reason == "pause" or self.config.handoff_to_durable_tier
                 await self.checkpoints.now(state, effect.reason, durable=durable, force=True, raise_errors=True)
         if ending:
             await self._end_storage()

@@ -48,6 +48,7 @@ def actor_config(settings: Settings) -> ActorConfig:
         checkpoint_every_versions=settings.checkpoint_every_versions,
         checkpoint_every_s=settings.checkpoint_every_s,
         fast_snapshot_every_versions=settings.snapshot_every_versions if settings.redis_url else None,
+        durable_handoffs=settings.durability == "postgres",
         max_restarts=settings.max_restarts,
         restart_window_s=settings.restart_window_s,
     )

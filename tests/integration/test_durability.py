@@ -153,6 +153,54 @@ async def test_sigkill_keeps_acked_ops_with_postgres_durability(tmp_path: Path, 
     await _sigkill_roundtrip(tmp_path, {"SESSIOND_DATABASE_URL": pg_url, "SESSIOND_DURABILITY": "postgres"})
 
 
+async def test_postgres_durability_keeps_creation_state_and_claim_when_redis_is_lost(
+    tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Issue 8's reproduction: with durability=postgres and Redis configured, the state given at creation and a
+    claim were only in Redis; after SIGKILL and an empty Redis the session came back without them. Everything a
+    201 or an ack confirms must be in PostgreSQL."""
+    import jwt
+    import redis
+
+    prefix = _prefix(redis_prefix)
+    env = {"SESSIOND_DATABASE_URL": pg_url, "SESSIOND_REDIS_URL": redis_url, "SESSIOND_REDIS_PREFIX": prefix,
+           "SESSIOND_DURABILITY": "postgres"}
+    token = jwt.encode({"sub": "alice", "exp": 4102444800}, SECRET, algorithm="HS256")
+    auth = {"Authorization": f"Bearer {token}"}
+    first = _ServerProcess(tmp_path, env)
+    try:
+        await first.ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{first.http}", headers=auth) as http:
+            sid = (await http.post("/v1/sessions", json={"state": {"a": 1}})).json()["id"]
+        async with open_websocket_url(f"ws://127.0.0.1:{first.ws}/v1/ws") as ws:
+            await ws.send_message(orjson.dumps({"t": "hello", "token": token, "session": sid, "device": "d"}).decode())
+            for frame in ({"t": "claim", "id": 1}, {"t": "op", "id": 2, "ops": [{"op": "set", "path": "/b", "value": 2}]}):
+                await ws.send_message(orjson.dumps(frame).decode())
+            acked = set()
+            with trio.fail_after(10):
+                while acked != {1, 2}:
+                    data = orjson.loads(await ws.get_message())
+                    acked |= {f["id"] for f in (data if isinstance(data, list) else [data]) if f["t"] == "ack"}
+        first.proc.send_signal(signal.SIGKILL)
+    finally:
+        first.stop()
+    client = redis.Redis.from_url(redis_url)
+    try:  # Redis comes back empty (only this test's keys: other tests share the server)
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+    second = _ServerProcess(tmp_path, env)
+    try:
+        await second.ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{second.http}", headers=auth) as http:
+            body = (await http.get(f"/v1/sessions/{sid}")).json()
+        assert (body["state"], body["version"], body["active"]) == ({"a": 1, "b": 2}, 1, "d")
+    finally:
+        second.stop()
+
+
 async def test_redis_outage_unavailable_then_recovers(
     nursery: trio.Nursery, tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> None:
