@@ -12,7 +12,7 @@ queue): it drops the superseded frames and asks the actor for a fresh welcome, w
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Set
+from collections.abc import Collection, Iterator, Sequence, Set
 
 from actors.session import Broadcast, Effect, Send
 
@@ -20,10 +20,9 @@ NOBODY: list[str] = []
 
 
 def recipients(
-    effects: Iterable[Effect], connected: Collection[str], joined: Set[str]
+    effects: Sequence[Effect], connected: Collection[str], joined: Set[str]
 ) -> Iterator[tuple[Effect, list[str]]]:
     """Every effect of the turn, in order, with the devices its frame goes to (none for other effects)."""
-    effects = list(effects)
     opened_at: dict[str, int] = {}  # device -> index of its last join's welcome
     if joined:
         for index, effect in enumerate(effects):

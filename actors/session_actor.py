@@ -121,8 +121,8 @@ class SessionActor:
         self._timer_armed = False
         self._joined_this_turn: set[str] = set()  # devices whose welcome is in this turn's effects
         self._inflight: list[Reply] = []
-        self._log = log.bind(session=session_id)
-        self.checkpoints = Checkpointer(session_id, storage, config, self._log, self.lease_lost)
+        self.log = log.bind(session=session_id)
+        self.checkpoints = Checkpointer(session_id, storage, config, self.log, self.lease_lost)
 
     # ---- the outside's view (ActorRef) ---------------------------------------------------------
 
@@ -263,7 +263,7 @@ class SessionActor:
         assert self.state is not None
         await self.checkpoints.now(self.state, "passivate", force=True)
         metrics.PASSIVATIONS.labels(reason).inc()
-        self._log.info("passivated", reason=reason)
+        self.log.info("passivated", reason=reason)
         return True
 
     def retire(self) -> None:
@@ -480,7 +480,7 @@ class SessionActor:
                 await self.storage.snapshots.delete_snapshots(self.id)
                 await self.storage.journal.delete(self.id)
         except (StorageError, trio.TooSlowError) as exc:
-            self._log.warning("ended session's data not deleted", error=str(exc) or type(exc).__name__)
+            self.log.warning("ended session's data not deleted", error=str(exc) or type(exc).__name__)
 
     # ---- failure paths ------------------------------------------------------------------------
 

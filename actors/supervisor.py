@@ -94,26 +94,26 @@ async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] =
                 actor.lost = True
                 actor.fail_inflight(ActorUnavailable("the session moved to another pod; retry"))
                 actor.close_links(codes.TRY_AGAIN_LATER, "session moved to another pod")
-                actor._log.warning("lease lost: stopped serving the session", reason=str(exc))
+                actor.log.warning("lease lost: stopped serving the session", reason=str(exc))
                 return
             except Unpersisted as exc:
                 # Not a crash: storage is away. Reload what is stored once it is back; no restart budget spent.
                 actor.degraded = True
-                actor._log.warning("storage unavailable: changes refused, reloading", error=str(exc.__cause__))
+                actor.log.warning("storage unavailable: changes refused, reloading", error=str(exc.__cause__))
                 continue
             except Exception as exc:
                 if not started:
                     raise
                 actor.fail_inflight(ActorUnavailable("the session restarted; retry"))
                 metrics.CRASHES.inc()
-                actor._log.error("actor crashed", exc_info=exc)
+                actor.log.error("actor crashed", exc_info=exc)
                 actor.storage.events.publish(
                     "actor.crashed", actor.event_body("actor.crashed", {"error": type(exc).__name__})
                 )
                 if budget.decide(trio.current_time()) is Directive.STOP:
                     metrics.FAILED.inc()
                     actor.failed = True
-                    actor._log.error("session failed: restart budget spent", restarts=budget.recent)
+                    actor.log.error("session failed: restart budget spent", restarts=budget.recent)
                     actor.close_links(codes.INTERNAL_ERROR, "session failed")
                     return
     finally:
@@ -137,7 +137,7 @@ async def load(actor: SessionActor, *, wait_for_storage: bool) -> SessionState:
         except (StorageError, trio.TooSlowError) as exc:
             if not wait_for_storage:
                 raise StorageUnavailable(str(exc) or "storage timed out") from exc
-            actor._log.warning("storage unavailable while reloading; retrying", delay_s=delay)
+            actor.log.warning("storage unavailable while reloading; retrying", delay_s=delay)
             await trio.sleep(delay)
             delay = min(delay * 2, STORAGE_RETRY_MAX_S)
 
@@ -161,7 +161,7 @@ async def _load_once(actor: SessionActor) -> SessionState:
     )
     if state.journal_gap is not None:
         metrics.JOURNAL_GAPS.inc()
-        actor._log.error(
+        actor.log.error(
             "journal has a gap: restored up to the gap",
             at_version=state.journal_gap[0],
             next_in_journal=state.journal_gap[1],
