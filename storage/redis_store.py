@@ -242,7 +242,9 @@ class RedisJournal:
         await self._r.call(self._r.client.xtrim, self._r.journal_key(session_id), None, False, f"{upto_version + 1}-0")
 
     async def delete(self, session_id: str) -> None:
-        await self._r.call(self._r.client.delete, self._r.journal_key(session_id))
+        """The journal of an ended session, with its lease and fence (ended sessions are never owned again)."""
+        r = self._r
+        await r.call(r.client.delete, r.journal_key(session_id), r.key(session_id, "lease"), r.fence_key(session_id))
 
     async def length(self, session_id: str) -> int:
         """Entries currently held (for metrics and tests)."""
