@@ -213,7 +213,12 @@ class Relay:
             self._last_frame.clear()
             messages = []
             for pod, items in outbox.items():
-                messages.append((pod, relay.encode(self.pod, _encodable(items))))
+                try:
+                    messages.append((pod, relay.encode(self.pod, _encodable(items))))
+                except (TypeError, ValueError, OverflowError) as exc:  # a bug upstream: never take the relay down
+                    log.error("relay message not encodable; cutting the links to that pod", pod=pod, error=str(exc))
+                    self._cut_pod(pod, "relay error")
+                    continue
                 metrics.RELAY_ITEMS.labels("out").inc(len(items))
             try:
                 await self.pubsub.publish(messages)
