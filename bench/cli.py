@@ -2,7 +2,8 @@
 
 Targets: `baseline` (bench/baseline.py), `sessiond` (`sessiond serve` on free loopback ports, embedded storage, or
 Redis / PostgreSQL with --redis / --postgres), or `--url` for a server someone else runs. Server and generator are
-pinned to disjoint cores when there are two or more.
+pinned to disjoint cores when there are two or more. The `cluster` scenario starts its own pods (bench/cluster.py)
+and ignores --target.
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
-from bench import report
+from bench import cluster, report
 from bench.proc import cores, pin, plan_pinning, raise_fd_limit
 from bench.scenarios import SCENARIOS, Options, align_saturation
 from bench.server import ServerError, Target, running_target, url_target
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+CLUSTER = "cluster"
+CLUSTER_RATE = 2.0  # the cluster scenario's default R (ops/s per device)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="sessiond load benchmarks (issue 4).")
-    p.add_argument("scenario", choices=sorted(SCENARIOS))
+    p.add_argument("scenario", choices=sorted([*SCENARIOS, CLUSTER]))
     p.add_argument("--target", choices=["sessiond", "baseline", "both"], default="both")
     p.add_argument("--sessions", type=int, help="sessions (default 100; capacity: derived from --count)")
     p.add_argument("--devices", type=int, help="devices per session (default 3; handoff always uses 2)")
-    p.add_argument("--rate", type=float, help="ops/s per device (fanout; default 10)")
+    p.add_argument("--rate", type=float, help="ops/s per device (fanout; default 10, cluster 2)")
     p.add_argument("--duration", type=float, help="measured seconds (default 10)")
     p.add_argument("--warmup", type=float, help="warm-up seconds before measuring (default 2)")
     p.add_argument("--count", type=int, help="capacity: idle devices to open (default 10000)")
@@ -42,6 +45,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--factor", type=float, help="saturation: R multiplier per step (default 1.5)")
     p.add_argument("--steps", type=int, help="saturation: most steps (default 10)")
     p.add_argument("--step-duration", type=float, help="saturation: measured seconds per step (default 4)")
+    p.add_argument("--pods", type=int, help="cluster: pods of the multi-pod run (default 3)")
+    p.add_argument("--ttl", type=float, help="cluster: SESSIOND_LEASE_TTL_S, membership and lease TTL (default 3.0)")
+    p.add_argument("--failover-sessions", type=int, help="cluster: sessions under load at the kill (default 30)")
+    p.add_argument("--failover-rate", type=float, help="cluster: inc ops/s per device during failover (default 5)")
     p.add_argument("--url", help="target a running server's WebSocket URL (ws://host:port/v1/ws) instead")
     p.add_argument("--http-url", help="with --url: its REST base URL (sessiond); without it sessions are made up")
     p.add_argument("--jwt-secret", help="with --url: the HS256 secret of that server")
@@ -54,7 +61,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scenario == CLUSTER and args.url:
+        p.error("the cluster scenario starts its own pods: --url does not apply")
+    if args.scenario == CLUSTER and args.pods is not None and args.pods < 2:
+        p.error("--pods must be 2 or more")
+    return args
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -63,7 +75,12 @@ def options(args: argparse.Namespace) -> Options:
     flags = {"sessions": args.sessions, "devices": args.devices, "rate": args.rate, "duration": args.duration,
              "warmup": args.warmup, "capacity_devices": args.count, "saturation_start": args.start_rate,
              "saturation_factor": args.factor, "saturation_steps": args.steps,
-             "saturation_step_s": args.step_duration}
+             "saturation_step_s": args.step_duration, "pods": args.pods, "ttl": args.ttl,
+             "failover_sessions": args.failover_sessions, "failover_rate": args.failover_rate}
+    if args.scenario == CLUSTER and not args.quick:
+        # A lighter default R: at 10 one pod already fills its core here, and three pods sharing it saturate
+        # long before that (the relay costs CPU per message), so latency would be all queueing.
+        base = replace(base, rate=CLUSTER_RATE)
     return replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -96,6 +113,19 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
             return {"target": name, "failed": str(exc)}
 
 
+async def run_cluster(args: argparse.Namespace, opts: Options, workdir: Path,
+                      server_cpus: set[int] | None) -> dict[str, dict[str, Any]]:
+    """The cluster scenario: one progress bar whose label follows its parts (1 pod, N pods, failover)."""
+    with tqdm(desc=CLUSTER, total=1, disable=True if args.no_progress else None,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total}{postfix}", leave=False) as bar:
+
+        def stage(name: str) -> Any:
+            bar.set_description(f"{CLUSTER} · {name}", refresh=False)
+            return _progress(bar)
+
+        return await cluster.run(opts, workdir, server_cpus, stage)
+
+
 async def run(args: argparse.Namespace, opts: Options, directory: Path, argv: list[str]) -> dict[str, Any]:
     """Run every target in turn (never at once: they would share the cores) and write the report."""
     raise_fd_limit()
@@ -105,8 +135,11 @@ async def run(args: argparse.Namespace, opts: Options, directory: Path, argv: li
     results: dict[str, dict[str, Any]] = {}
     pin(0, generator_cpus)
     try:
-        for name in names:
-            results[name] = await run_one(name, args, opts, directory, server_cpus)
+        if args.scenario == CLUSTER:
+            results = await run_cluster(args, opts, directory, server_cpus)
+        else:
+            for name in names:
+                results[name] = await run_one(name, args, opts, directory, server_cpus)
     finally:
         pin(0, before)
     if args.scenario == "saturation":
@@ -130,12 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     directory = args.results or RESULTS_ROOT / f"{stamp}-{args.scenario}"
     directory.mkdir(parents=True, exist_ok=True)
-    payload = trio.run(run, args, opts, directory, argv)
+    try:
+        payload = trio.run(run, args, opts, directory, argv)
+    except ServerError as exc:  # the cluster scenario's services (Redis, PostgreSQL) are not there
+        print(f"\n{args.scenario}: cannot run: {exc}", file=sys.stderr)
+        return 2
     table = report.write(directory, payload)
     print(f"\n{args.scenario}: {payload['command']}\n")
     print(table)
     for name, result in payload["results"].items():
         if result.get("generator_saturated"):
             print(f"\nwarning: the load generator's CPU was saturated during the {name} run")
+    for line in report.cluster_warnings(payload):
+        print(f"\nwarning: {line}")
+    broken = report.correctness_failures(payload)
+    for line in broken:
+        print(f"\nFAILED: {line}")
     print(f"\nresults: {directory}")
-    return 1 if any("failed" in r for r in payload["results"].values()) else 0
+    return 1 if broken or any("failed" in r for r in payload["results"].values()) else 0

@@ -60,6 +60,7 @@ class Recorder:
 class DeviceSpec:
     session: str
     device: str
+    url: str | None = None  # this device's server (a pod of a cluster); None: the fleet's URL
 
 
 class Device:
@@ -263,7 +264,7 @@ async def open_fleet(
 
         async def one(spec: DeviceSpec) -> None:
             async with limiter:
-                device = await nursery.start(run_device, url, spec, token, rec, keep_log)
+                device = await nursery.start(run_device, spec.url or url, spec, token, rec, keep_log)
                 if device is not None:
                     devices.append(device)
                 if on_connect:

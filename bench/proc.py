@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -45,27 +45,57 @@ def machine_busy_s() -> float:
 
 @dataclass(slots=True)
 class CpuWindow:
-    """CPU of the server (when its pid is known) and of this generator between `start()` and `stop()`."""
+    """CPU of the server (when its pid is known) and of this generator between `start()` and `stop()`.
+
+    `pods` (name -> pid) measures several server processes, a cluster: `server_s` is then their sum and `pod_s`
+    each one's share. `services` (name -> pid, e.g. redis-server) are measured too, apart from the server and
+    from "other processes".
+    """
 
     server_pid: int | None
+    pods: dict[str, int] = field(default_factory=dict)
+    services: dict[str, int] = field(default_factory=dict)
     server_s: float | None = None
     self_s: float = 0.0
     others_s: float | None = None  # every other process on the machine: the noise of a shared box
+    pod_s: dict[str, float] = field(default_factory=dict)
+    services_s: dict[str, float] = field(default_factory=dict)
     _server0: float | None = None
     _self0: float = 0.0
     _machine0: float = 0.0
+    _pods0: dict[str, float] = field(default_factory=dict)
+    _services0: dict[str, float] = field(default_factory=dict)
 
     def start(self) -> None:
         self._machine0 = machine_busy_s()
         self._self0 = self_cpu_s()
-        self._server0 = process_cpu_s(self.server_pid) if self.server_pid else None
+        self._server0 = process_cpu_s(self.server_pid) if self.server_pid and not self.pods else None
+        self._pods0 = {name: process_cpu_s(pid) for name, pid in self.pods.items()}
+        self._services0 = _read_all(self.services)
 
     def stop(self) -> None:
         self.self_s = self_cpu_s() - self._self0
-        if self.server_pid and self._server0 is not None:
+        if self.pods:
+            self.pod_s = {name: process_cpu_s(pid) - self._pods0[name] for name, pid in self.pods.items()}
+            self.server_s = sum(self.pod_s.values())
+        elif self.server_pid and self._server0 is not None:
             self.server_s = process_cpu_s(self.server_pid) - self._server0
+        after = _read_all(self.services)
+        self.services_s = {name: after[name] - self._services0[name] for name in after if name in self._services0}
+        if self.server_s is not None:
             busy = machine_busy_s() - self._machine0
-            self.others_s = max(0.0, busy - self.self_s - self.server_s)
+            self.others_s = max(0.0, busy - self.self_s - self.server_s - sum(self.services_s.values()))
+
+
+def _read_all(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each named process still readable (a service may be gone or out of reach)."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = process_cpu_s(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
 
 
 def cores() -> list[int]:

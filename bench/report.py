@@ -120,6 +120,124 @@ def table_rows(scenario: str, results: dict[str, dict[str, Any]]) -> tuple[list[
     return header, rows
 
 
+# ---- the cluster scenario: relay cost (1 pod, N pods, difference, goal) and failover (value, goal) ------------
+
+GOAL_OK, GOAL_MISSED = "ok", "MISSED"
+
+
+def _verdict(value: Any, limit: float, label: str) -> str:
+    if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+        return f"{label}: —"
+    return f"{label}: {GOAL_OK if value <= limit else GOAL_MISSED}"
+
+
+def _pod_rows(single: dict[str, Any], multi: dict[str, Any]) -> list[Row]:
+    names = sorted({*single.get("pod_cpu_per_msg_us", {}), *multi.get("pod_cpu_per_msg_us", {})})
+    return [(f"  {name} CPU µs / delivered msg", lambda r, n=name: r["pod_cpu_per_msg_us"][n], "{:.1f}", False)
+            for name in names]
+
+
+def cluster_tables(results: dict[str, dict[str, Any]]) -> list[tuple[list[str], list[list[str]]]]:
+    """Two tables: the relay cost (1 pod | N pods | relay adds | goal) and the failover (value | goal)."""
+    single, multi = results.get("single", {}), results.get("multi", {})
+    adds = multi.get("relay_adds", {})
+    diff = ("ack p50 ms", "ack p99 ms", "delivery p50 ms", "delivery p99 ms", "server CPU µs / delivered msg")
+    goal = {"ack p50 ms": ("ack_p50_ms", "≤ 2 ms"), "delivery p50 ms": ("delivery_p50_ms", "≤ 2 ms")}
+    key = {"ack p50 ms": "ack_p50_ms", "ack p99 ms": "ack_p99_ms", "delivery p50 ms": "delivery_p50_ms",
+           "delivery p99 ms": "delivery_p99_ms", "server CPU µs / delivered msg": "server_cpu_per_msg_us"}
+    rows_spec: list[Row] = [("devices on a non-owner pod", lambda r: r.get("devices_on_other_pods", 0.0), "{:.0%}",
+                             False)]
+    for row in ROWS["fanout"]:
+        rows_spec.append(row)
+        if row[0] == "server CPU µs / delivered msg":
+            rows_spec += [*_pod_rows(single, multi),
+                          ("redis-server CPU µs / delivered msg", lambda r: r["service_cpu_per_msg_us"]["redis"],
+                           "{:.1f}", False)]
+    header = ["metric", single.get("target", "1 pod"), multi.get("target", "N pods"), "relay adds", "goal"]
+    rows = [["storage", str(single.get("storage", "")), str(multi.get("storage", "")), "", ""]]
+    for label, getter, fmt, _ in rows_spec:
+        if label == "server CPU util":
+            label = "server CPU util (all pods, one core = 100%)"
+        cells = [_cell(single, getter, fmt)[0], _cell(multi, getter, fmt)[0]]
+        name = label.replace(" (all pods, one core = 100%)", "")
+        added = adds.get(key.get(name, ""))
+        extra = f"{added:+.2f}" if name in diff and isinstance(added, int | float) else ""
+        target = goal.get(name)
+        verdict = _verdict(adds.get(target[0]), 2.0, target[1]) if target else ""
+        if name == "server CPU µs / delivered msg":
+            verdict = "1 pod: ±10 % of today's"
+        rows.append([label, *cells, extra, verdict])
+    for part, r in (("1 pod", single), ("N pods", multi)):
+        if "failed" in r:
+            rows.append([f"{part} failed", _last_line(r["failed"]), "", "", ""])
+    relay = (header, rows)
+
+    f = results.get("failover", {})
+    fheader = ["failover", "value", "goal"]
+    if not f or "failed" in f:
+        return [relay, (fheader, [["failed", _last_line(f.get("failed", "not run")), ""]])]
+
+    def sec(summary: str, q: str) -> str:
+        v = f[summary][f"{q}_s"]
+        missing = f[summary].get("missing", 0)
+        text = "—" if v != v else f"{v:.2f}"
+        return text + (f" ({missing} never)" if missing else "")
+
+    moved_to = ", ".join(f"{k}: {v}" for k, v in sorted(f["moved_to"].items())) or "—"
+    refused = ", ".join(f"{k}: {v}" for k, v in sorted(f["increments_refused"].items())) or "0"
+    rest_answers = ", ".join(f"{k or 'none'}: {v}" for k, v in f["rest_answers"].items()) or "—"
+    frows = [
+        ["pods, lease TTL", f"{f['pods']} pods, TTL {f['ttl_s']:g} s", ""],
+        ["load", f"{f['sessions']} sessions x {f['devices'] // max(1, f['sessions'])} SDK devices, "
+                 f"{f['rate']:g} inc/s each, via a round-robin balancer", ""],
+        ["killed (kill -9)", f"{f['victim']}, owner of {f['sessions_moved']} of {f['sessions']} sessions", ""],
+        ["its sessions now on", moved_to, ""],
+        ["writable again (REST 200) p50 s", sec("writable", "p50"), ""],
+        ["writable again max s", sec("writable", "max"), _verdict(f["writable"]["max_s"], 5.0, "≤ 5 s")],
+        ["all its devices acked again p50 s", sec("acked_again", "p50"), ""],
+        ["all its devices acked again max s", sec("acked_again", "max"),
+         _verdict(f["acked_again"]["max_s"], 5.0, "≤ 5 s")],
+        ["every device acked again max s", sec("every_device_acked_again", "max"), ""],
+        ["device reconnects", f"{f['device_reconnects']:,d}", ""],
+        ["increments acked / sent", f"{f['increments_acked']:,d} / {f['increments_sent']:,d}", ""],
+        ["increments refused (not applied)", refused, ""],
+        ["increments without answer", f"{f['increments_uncertain'] + f['increments_unsettled']:d}", ""],
+        ["REST increments ok; other answers", f"{f['rest_increments_ok']:d}; {rest_answers}", ""],
+        ["lost", f"{f['lost']:d}", "0: " + (GOAL_OK if f["lost"] == 0 else GOAL_MISSED)],
+        ["duplicated", f"{f['duplicated']:d}", "0: " + (GOAL_OK if f["duplicated"] == 0 else GOAL_MISSED)],
+        ["version ≠ counters", f"{f['version_mismatches']:d}", ""],
+        ["errors", f"{f['error_count']:d}", ""],
+        ["generator CPU (one core)", _gen(f), ""],
+    ]
+    return [relay, (fheader, frows)]
+
+
+def cluster_warnings(payload: dict[str, Any]) -> list[str]:
+    """Cluster runs whose pods kept their cores over 90 % busy: their latency is queueing for the CPU."""
+    if payload.get("scenario") != "cluster":
+        return []
+    out = []
+    for r in payload["results"].values():
+        cores, util = r.get("server_cores"), r.get("server_cpu_util")
+        if cores and util is not None and util / cores > 0.9:
+            out.append(f"the {r.get('target')} run kept its {cores} server core(s) {util / cores:.0%} busy: its "
+                       "latency is mostly queueing for the CPU, not the relay hop (a lower --rate shows the hop)")
+    return out
+
+
+def correctness_failures(payload: dict[str, Any]) -> list[str]:
+    """What makes a cluster run fail besides a part that could not run: lost or duplicated changes."""
+    if payload.get("scenario") != "cluster":
+        return []
+    f = payload["results"].get("failover", {})
+    out = []
+    if f.get("lost"):
+        out.append(f"{f['lost']} acked change(s) lost across the failover (server bug): {f.get('problems')}")
+    if f.get("duplicated"):
+        out.append(f"{f['duplicated']} change(s) applied or acked twice (server bug): {f.get('problems')}")
+    return out
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:100] if lines else "failed"
@@ -166,26 +284,48 @@ def plot(directory: Path, scenario: str, results: dict[str, dict[str, Any]]) -> 
         for name, series in samples.items():
             for key, values in series.items():
                 if values:
-                    ax.hist(values, bins=bins, histtype="step", label=f"{name} {key.removesuffix('_ms')}")
+                    label = ok[name].get("target", name) if scenario == "cluster" else name
+                    ax.hist(values, bins=bins, histtype="step", label=f"{label} {key.removesuffix('_ms')}")
         ax.set_xscale("log")
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("samples")
         ax.set_title(f"{scenario}: latency distribution")
         ax.legend()
         files.append(_save(fig, directory / "latency.png"))
-    if scenario == "fanout" and ok:
+    fanouts = {n: r for n, r in ok.items() if "deliveries_per_s" in r.get("series", {})}
+    if scenario in ("fanout", "cluster") and fanouts:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name, r in ok.items():
+        for name, r in fanouts.items():
             rates = r["series"]["deliveries_per_s"]
             step = r["series"]["bucket_s"]
-            ax.plot([(i + 0.5) * step for i in range(len(rates))], rates, marker=".", label=f"{name} delivered/s")
+            label = r.get("target", name) if scenario == "cluster" else name
+            ax.plot([(i + 0.5) * step for i in range(len(rates))], rates, marker=".", label=f"{label} delivered/s")
             ax.axvspan(*r["series"]["window_s"], alpha=0.08)
         ax.set_xlabel("time (s); shaded: measured window")
         ax.set_ylabel("messages / s")
         ax.set_ylim(bottom=0)
-        ax.set_title("fanout: throughput over time")
+        ax.set_title(f"{scenario}: throughput over time")
         ax.legend()
         files.append(_save(fig, directory / "throughput.png"))
+    failover = ok.get("failover") if scenario == "cluster" else None
+    if failover and failover.get("series", {}).get("acks_per_s"):
+        series = failover["series"]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        rates, step = series["acks_per_s"], series["bucket_s"]
+        ax.plot([(i + 0.5) * step for i in range(len(rates))], rates, label="increments acked/s (all devices)")
+        kill = series["kill_s"]
+        ax.axvline(kill, color="red", linestyle="--", label=f"kill -9 {failover['victim']}")
+        for key, marker, label in (("writable_s", "|", "session writable again"),
+                                   ("acked_again_s", "x", "session's devices acked again")):
+            points = series.get(key) or []
+            if points:
+                ax.scatter([kill + t for t in points], [0] * len(points), marker=marker, label=label, zorder=3)
+        ax.set_xlabel("time since the load started (s)")
+        ax.set_ylabel("acks / s")
+        ax.set_ylim(bottom=-max(rates or [1]) * 0.05)
+        ax.set_title("cluster: failover under load")
+        ax.legend()
+        files.append(_save(fig, directory / "failover.png"))
     if scenario == "saturation" and ok:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         for name, r in ok.items():
@@ -229,7 +369,7 @@ def write(directory: Path, payload: dict[str, Any]) -> str:
     """Write results.json, the plots and report.md; return the terminal table."""
     directory.mkdir(parents=True, exist_ok=True)
     scenario, results = payload["scenario"], payload["results"]
-    header, rows = table_rows(scenario, results)
+    tables = cluster_tables(results) if scenario == "cluster" else [table_rows(scenario, results)]
     slim = {**payload, "results": {n: _strip_samples(r) for n, r in results.items()}}
     (directory / "results.json").write_bytes(orjson.dumps(slim, option=orjson.OPT_INDENT_2,
                                                           default=str))
@@ -240,8 +380,12 @@ def write(directory: Path, payload: dict[str, Any]) -> str:
     notes += [f"- other processes used {r['other_processes_cpu_util']:.2f} cores during the `{n}` window: "
               "latency and throughput are noisy; CPU per message is the robust figure"
               for n, r in results.items() if (r.get("other_processes_cpu_util") or 0) > 0.2]
+    notes += [f"- **{line}**" for line in correctness_failures(payload)]
+    notes += [f"- {line}" for line in cluster_warnings(payload)]
+    notes += [f"- failover: `{line}`" for line in results.get("failover", {}).get("problems", [])[:10]]
     md = [f"# bench: {scenario}", "", f"`{payload['command']}`", "",
           f"{payload['started']} · {payload['machine']['cores']} cores · pinning: {payload['machine']['pinning']}",
-          "", markdown_table(header, rows), "", *notes, *steps, "", *(f"![{i}]({i})" for i in images), ""]
+          *(line for header, rows in tables for line in ("", markdown_table(header, rows))), "", *notes, *steps,
+          "", *(f"![{i}]({i})" for i in images), ""]
     (directory / "report.md").write_text("\n".join(md))
-    return text_table(header, rows)
+    return "\n\n".join(text_table(header, rows) for header, rows in tables)

@@ -45,13 +45,21 @@ class Options:
     p99_limit_ms: float = 100.0
     delivered_floor: float = 0.95
     handoff_ops: int = 3  # ops the active device sends (acked) between two handoffs
+    pods: int = 3  # cluster: pods of the multi-pod run
+    ttl: float = 3.0  # cluster: SESSIOND_LEASE_TTL_S
+    failover_sessions: int = 30  # cluster: sessions under load when a pod is killed (x devices SDK clients)
+    failover_rate: float = 5.0  # cluster: inc ops/s per device during the failover
+    failover_before: float = 2.0  # cluster: load before the kill, s
+    failover_after: float = 2.0  # cluster: load after every session and device recovered, s
+    failover_timeout: float = 30.0  # cluster: most wait for the recovery after the kill, s
+    settle: float = 10.0  # cluster: most wait for requests in flight once the devices stop sending, s
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
         """A seconds-long smoke run."""
         base = cls(sessions=10, devices=3, rate=5.0, duration=1.5, warmup=0.5, drain=2.0, capacity_devices=200,
                    capacity_hold=0.5, saturation_start=5.0, saturation_factor=2.0, saturation_steps=3,
-                   saturation_step_s=1.0)
+                   saturation_step_s=1.0, failover_sessions=6, failover_before=1.0, failover_after=1.0)
         return replace(base, **overrides)
 
 
@@ -73,8 +81,8 @@ async def fanout(target: Any, opts: Options, progress: Progress = no_progress, l
     """S sessions x D devices, each sending R ops/s; every change reaches the D-1 others."""
     rec = Recorder()
     ids = await target.create_sessions(opts.sessions, label=label)
-    specs = [DeviceSpec(sid, f"d{j}") for sid in ids for j in range(opts.devices)]
-    cpu = CpuWindow(target.pid)
+    specs = [DeviceSpec(sid, f"d{j}", target.device_url(j)) for sid in ids for j in range(opts.devices)]
+    cpu = CpuWindow(target.pid, pods=dict(target.pods), services=dict(target.services))
     async with open_fleet(target.ws_url, specs, target.token(), rec,
                           concurrency=opts.connect_concurrency) as devices:
         rec.start_clock(now_ns(), opts.warmup, opts.duration)
@@ -126,11 +134,26 @@ def _fanout_result(target: Any, opts: Options, rec: Recorder, cpu: CpuWindow, ex
         "generator_cpu_util": gen_util, "generator_saturated": gen_util > GENERATOR_SATURATED,
         "generator_lag_events": rec.lag_events,
         "other_processes_cpu_util": cpu.others_s / window if cpu.others_s is not None else None,
+        **_per_process(cpu, rec.delivered_in_window, window),
         "series": {"delivery_ms": rec.delivery.ms(), "ack_ms": rec.ack.ms(),
                    "deliveries_per_s": rec.deliveries.rates(), "sends_per_s": rec.sends.rates(),
                    "bucket_s": rec.deliveries.bucket_s,
                    "window_s": [opts.warmup, opts.warmup + opts.duration]},
     }
+
+
+def _per_process(cpu: CpuWindow, delivered: int, window: float) -> dict[str, Any]:
+    """CPU of each pod of a cluster and of the measured services (Redis), per delivered message and as a share
+    of one core; nothing for a single server."""
+    out: dict[str, Any] = {}
+    if cpu.pod_s:
+        out["pod_cpu_per_msg_us"] = {n: s / delivered * 1e6 if delivered else math.nan for n, s in cpu.pod_s.items()}
+        out["pod_cpu_util"] = {n: s / window for n, s in cpu.pod_s.items()}
+    if cpu.services_s:
+        out["service_cpu_per_msg_us"] = {n: s / delivered * 1e6 if delivered else math.nan
+                                         for n, s in cpu.services_s.items()}
+        out["service_cpu_util"] = {n: s / window for n, s in cpu.services_s.items()}
+    return out
 
 
 def sustained(result: dict[str, Any], opts: Options) -> bool:

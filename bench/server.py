@@ -50,7 +50,14 @@ class Target:
     jwt_secret: str | None = None
     user: str = "bench"
     info: dict[str, Any] = field(default_factory=dict)
+    pods: dict[str, int] = field(default_factory=dict)  # a cluster: pod name -> pid (CPU per pod); pid is None
+    services: dict[str, int] = field(default_factory=dict)  # measured beside the server, e.g. redis-server
+    device_urls: list[str] = field(default_factory=list)  # device j of a session connects to [j mod len]
     _counter: int = 0
+
+    def device_url(self, index: int) -> str:
+        """The WebSocket URL for device `index` of a session: one pod per index on a cluster, else ws_url."""
+        return self.device_urls[index % len(self.device_urls)] if self.device_urls else self.ws_url
 
     def token(self, ttl_s: int = 7200) -> str | None:
         """An HS256 JWT for the bench user (claims sub + exp), or None when the target needs none."""
@@ -59,8 +66,9 @@ class Target:
         claims = {"sub": self.user, "exp": int(time.time()) + ttl_s}
         return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
 
-    async def create_sessions(self, n: int, *, label: str = "s") -> list[str]:
-        """n new session ids: `POST /v1/sessions` on sessiond, fresh local names on the baseline."""
+    async def create_sessions(self, n: int, *, label: str = "s", state: dict[str, Any] | None = None) -> list[str]:
+        """n new session ids: `POST /v1/sessions` on sessiond (with `state` if given), fresh local names on the
+        baseline."""
         self._counter += 1
         if self.http_url is None:
             return [f"{label}{self._counter}-{i}" for i in range(n)]
@@ -69,7 +77,9 @@ class Target:
         ids: list[str] = [""] * n
 
         async def one(i: int) -> None:
-            body = {"name": f"bench-{label}{self._counter}-{i}"}
+            body: dict[str, Any] = {"name": f"bench-{label}{self._counter}-{i}"}
+            if state is not None:
+                body["state"] = state
             reply = await trio.to_thread.run_sync(_post_json, f"{self.http_url}/v1/sessions", body, token,
                                                   limiter=limiter)
             ids[i] = str(reply["id"])
@@ -91,6 +101,35 @@ def _post_json(url: str, body: dict[str, Any], token: str | None) -> dict[str, A
             return result
     except urllib.error.HTTPError as exc:
         raise ServerError(f"POST {url}: {exc.code} {exc.read()[:300]!r}") from exc
+
+
+def redis_client() -> Any:
+    """A sync redis-py client for the local Redis (setup and clean-up, in worker threads)."""
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3, socket_timeout=30)
+
+
+def _delete_keys(prefix: str) -> int:
+    client = redis_client()
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(client.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(client.unlink(*batch))
+    finally:
+        client.close()
+    return deleted
+
+
+async def delete_keys(prefix: str) -> int:
+    """Unlink every Redis key under `prefix` (a bench run's own); how many there were."""
+    return await trio.to_thread.run_sync(_delete_keys, prefix)
 
 
 def _get_status(url: str) -> int:
@@ -159,12 +198,23 @@ async def _stop(proc: trio.Process, grace_s: float = 15.0) -> None:
 
 
 async def ensure_bench_database() -> str:
-    """Create the bench database on the local PostgreSQL if missing; returns its URL."""
+    """Create the bench database on the local PostgreSQL if missing; returns its URL. ServerError when PostgreSQL
+    cannot be reached (or psql is missing), with what to do about it."""
     psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc"]
-    found = await trio.run_process([*psql, f"SELECT 1 FROM pg_database WHERE datname='{BENCH_DB}'"],
-                                   capture_stdout=True, capture_stderr=True)
-    if found.stdout.strip() != b"1":
-        await trio.run_process([*psql, f"CREATE DATABASE {BENCH_DB}"], capture_stdout=True, capture_stderr=True)
+
+    async def run(sql: str) -> bytes:
+        try:
+            done = await trio.run_process([*psql, sql], capture_stdout=True, capture_stderr=True, check=False)
+        except FileNotFoundError as exc:
+            raise ServerError("psql is not installed: it is needed to create the bench database") from exc
+        if done.returncode != 0 and b"already exists" not in done.stderr:  # a concurrent run created it
+            raise ServerError(f"PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth) refused `{sql}`: "
+                              f"{done.stderr.decode(errors='replace').strip()}; start it with "
+                              f"`scripts/services.sh ensure`")
+        return bytes(done.stdout)
+
+    if (await run(f"SELECT 1 FROM pg_database WHERE datname='{BENCH_DB}'")).strip() != b"1":
+        await run(f"CREATE DATABASE {BENCH_DB}")
     return f"postgresql://postgres@127.0.0.1:5432/{BENCH_DB}"
 
 
@@ -230,9 +280,14 @@ async def running_target(
     if env.get("SESSIOND_DURABILITY"):
         storage.append(f"durability={env['SESSIOND_DURABILITY']}")
     http = f"http://127.0.0.1:{http_port}"
-    async with spawned(name, sessiond_command(), env, ws_port, f"{http}/healthz", workdir, cpus) as proc:
-        yield Target(name=name, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws", http_url=http, pid=proc.pid,
-                     jwt_secret=secret, info={"storage": "+".join(storage)})
+    try:
+        async with spawned(name, sessiond_command(), env, ws_port, f"{http}/healthz", workdir, cpus) as proc:
+            yield Target(name=name, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws", http_url=http, pid=proc.pid,
+                         jwt_secret=secret, info={"storage": "+".join(storage)})
+    finally:
+        if redis:  # the server has stopped: its keys (journals, snapshots, leases) go with it
+            with trio.CancelScope(shield=True):
+                await delete_keys(env["SESSIOND_REDIS_PREFIX"])
 
 
 def url_target(ws_url: str, http_url: str | None, jwt_secret: str | None, pid: int | None,

@@ -1,7 +1,8 @@
 """Seconds-long smoke runs of every bench scenario through the CLI (`python -m bench <scenario> --quick`).
 
 They assert that a run completes, writes its report and reports sane numbers; never a speed threshold.
-The sessiond variants run once `sessiond serve` exists.
+The sessiond variants run once `sessiond serve` exists. The cluster run needs the local Redis and PostgreSQL
+(the `redis_url` and `pg_url` fixtures fail the test with a clear message when they are down).
 """
 
 from __future__ import annotations
@@ -88,6 +89,33 @@ async def test_handoff(target: str, tmp_path: Path) -> None:
     assert r["changes_acked"] > 0
     assert (r["lost"], r["duplicated"], r["version_gaps"]) == (0, 0, 0)
     sane_latency(r["handoff"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sessiond_runnable(), reason="sessiond server not built yet")
+async def test_cluster(tmp_path: Path, redis_url: str, pg_url: str) -> None:
+    """One pod, three pods with devices spread over them, then a kill -9 under load: nothing lost or doubled."""
+    argv = [sys.executable, "-m", "bench", "cluster", "--quick", "--results", str(tmp_path), "--no-progress"]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    payload = json.loads((tmp_path / "results.json").read_text())
+    results = payload["results"]
+    for part in ("single", "multi", "failover"):
+        assert "failed" not in results[part], results[part]
+    f = results["failover"]
+    assert (f["lost"], f["duplicated"]) == (0, 0), f["problems"]
+    assert done.returncode == 0, output
+    assert (tmp_path / "report.md").exists() and (tmp_path / "failover.png").exists()
+    for part in ("single", "multi"):
+        r = results[part]
+        assert r["delivered_per_s"] > 0 and r["error_count"] == 0, r["errors"]
+        sane_latency(r["ack"])
+        sane_latency(r["delivery"])
+    assert set(results["multi"]["pod_cpu_per_msg_us"]) == {"pod-1", "pod-2", "pod-3"}
+    assert results["multi"]["devices_on_other_pods"] > 0.5
+    assert f["sessions_moved"] >= 1 and f["writable"]["missing"] == 0 and f["acked_again"]["missing"] == 0
+    assert f["increments_acked"] > 0 and f["rest_increments_ok"] >= f["sessions_moved"]
+    assert f["redis_keys_deleted"] > 0
 
 
 def test_percentile_and_summary() -> None:
