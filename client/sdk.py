@@ -12,6 +12,7 @@ next version; an ack that runs ahead of a not-yet-received patch is held briefly
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -93,6 +94,7 @@ class Session:
         connect_timeout_s: float = 10.0,
         hello_timeout_s: float = 10.0,
         first_id: int | None = None,
+        handshake_timeout_s: float = 5.0,
     ) -> None:
         if subprotocol not in SUBPROTOCOLS:
             raise ValueError(f"subprotocol must be one of {sorted(SUBPROTOCOLS)}")
@@ -114,6 +116,7 @@ class Session:
         self._origin = origin
         self._connect_timeout = connect_timeout_s
         self._hello_timeout = hello_timeout_s
+        self._handshake_timeout = handshake_timeout_s
         self._ws: WebSocketConnection | None = None
         self._codec = Codec(None)
         self._ready = False
@@ -252,7 +255,8 @@ class Session:
         if ws is not None:
             with trio.move_on_after(1.0) as scope:
                 scope.shield = True
-                await ws.aclose()
+                with contextlib.suppress(Exception):  # e.g. wsproto refusing a Pong once closing: we are leaving
+                    await ws.aclose()
         self._stop(SessionError("closed", "the session was closed by the client"))
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -354,7 +358,9 @@ class Session:
     async def _connection(self, nursery: trio.Nursery) -> _Outcome:
         token = self._token() if callable(self._token) else self._token
         try:
-            with trio.fail_after(self._hello_timeout):
+            # Its own bound: trio-websocket never returns when the server closes TCP mid-handshake (a load
+            # balancer with no live backend does), and waiting for the whole hello timeout slows failover.
+            with trio.fail_after(min(self._hello_timeout, self._handshake_timeout)):
                 ws = await trio_websocket.connect_websocket_url(
                     nursery,
                     self.url,
@@ -395,7 +401,7 @@ class Session:
         raise AssertionError("unreachable: _serve only returns by raising")  # pragma: no cover
 
     async def _close_ws(self, ws: WebSocketConnection, code: int, reason: str) -> None:
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(1.0), contextlib.suppress(Exception):
             await ws.aclose(code, reason)
 
     def _hello(self, token: str) -> Frame:
@@ -524,6 +530,7 @@ def open_session(
     connect_timeout_s: float = 10.0,
     hello_timeout_s: float = 10.0,
     first_id: int | None = None,
+    handshake_timeout_s: float = 5.0,
 ) -> Session:
     """`async with open_session(url, token=..., session=..., device=...) as s:` — joined once entered.
 
@@ -532,6 +539,8 @@ def open_session(
     `token` may be a callable, called at every (re)connect. Callbacks run on the reader task: they must
     be quick and must not raise (an exception there tears the session down).
     `first_id` fixes the first request id (default: the wall clock in µs, so ids grow across restarts).
+    `handshake_timeout_s` bounds each TCP connect + WebSocket upgrade (a balancer that accepts and closes must not
+    cost a whole hello timeout); `hello_timeout_s` then bounds the wait for the welcome.
     """
     return Session(
         url,
@@ -550,4 +559,5 @@ def open_session(
         connect_timeout_s=connect_timeout_s,
         hello_timeout_s=hello_timeout_s,
         first_id=first_id,
+        handshake_timeout_s=handshake_timeout_s,
     )

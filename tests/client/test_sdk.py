@@ -191,6 +191,27 @@ async def test_upgrade_rejected_with_401_is_final(nursery: trio.Nursery) -> None
     assert len(attempts) == 1
 
 
+async def test_a_server_closing_mid_handshake_costs_one_handshake_timeout_per_try(nursery: trio.Nursery) -> None:
+    """trio-websocket never returns when TCP is closed during the upgrade (a load balancer with no live backend
+    does that): each try is bounded by the handshake timeout, so the device retries instead of hanging."""
+    accepted = []
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        accepted.append(trio.current_time())
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, close_at_once, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with pytest.raises(SessionError) as info:
+        async with open_session(
+            f"ws://127.0.0.1:{port}/v1/ws", token="t", session="s", device="d", backoff_base_s=0.01,
+            max_backoff_s=0.01, connect_timeout_s=2.0, hello_timeout_s=10.0, handshake_timeout_s=0.2,
+        ):
+            pass
+    assert info.value.code == "timeout"
+    assert len(accepted) >= 4  # one try per handshake timeout, not one per hello timeout
+
+
 async def test_join_times_out_without_welcome(peer: Peer, nursery: trio.Nursery) -> None:
     nursery.start_soon(peer.accept)
     with pytest.raises(SessionError) as info:

@@ -174,8 +174,10 @@ class Balancer:
 
     async def _relay(self, client: trio.SocketStream) -> None:
         upstream = None
-        for _ in range(len(self.backends)):
-            port = self.backends[next(self._next) % len(self.backends)]
+        start = next(self._next)
+        backends = list(self.backends)
+        for i in range(len(backends)):  # each backend once, starting at this connection's turn
+            port = backends[(start + i) % len(backends)]
             try:
                 with trio.fail_after(1):
                     upstream = await trio.open_tcp_stream("127.0.0.1", port)
