@@ -174,7 +174,9 @@ async def test_postgres_durability_keeps_creation_state_and_claim_when_redis_is_
             sid = (await http.post("/v1/sessions", json={"state": {"a": 1}})).json()["id"]
         async with open_websocket_url(f"ws://127.0.0.1:{first.ws}/v1/ws") as ws:
             await ws.send_message(orjson.dumps({"t": "hello", "token": token, "session": sid, "device": "d"}).decode())
-            for frame in ({"t": "claim", "id": 1}, {"t": "op", "id": 2, "ops": [{"op": "set", "path": "/b", "value": 2}]}):
+            claim = {"t": "claim", "id": 1}
+            op = {"t": "op", "id": 2, "ops": [{"op": "set", "path": "/b", "value": 2}]}
+            for frame in (claim, op):
                 await ws.send_message(orjson.dumps(frame).decode())
             acked = set()
             with trio.fail_after(10):
