@@ -347,15 +347,20 @@ class Balancer:
             await client.aclose()
             return
         self.connections += 1
-        async with client, upstream, trio.open_nursery() as nursery:
+        await splice(client, upstream)
 
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
 
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
+async def splice(a: trio.SocketStream, b: trio.SocketStream) -> None:
+    """Copy bytes both ways until either side closes; then close both (a TCP proxy's whole job)."""
+    async with a, b, trio.open_nursery() as nursery:
+
+        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            try:
+                while data := await src.receive_some(65536):
+                    await dst.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pump, a, b)
+        nursery.start_soon(pump, b, a)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -20,15 +19,13 @@ from pathlib import Path
 import httpx
 import trio
 
+from bench.pods import Balancer
+from bench.server import free_port
 from tests.integration.harness import SECRET
 
+__all__ = ["Balancer", "Pod", "Pods", "free_port"]
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -152,51 +149,3 @@ class Pods:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{self.tail(p, 25)}" for p in self.pods.values())
-
-
-class Balancer:
-    """A round-robin TCP load balancer on loopback (no stickiness); a backend that refuses is skipped."""
-
-    def __init__(self, backends: list[int]) -> None:
-        self.backends = list(backends)
-        self.port = free_port()
-        self._next = itertools.count()
-        self.connections = 0
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        task_status.started()
-        await trio.serve_listeners(self._relay, listeners)
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        upstream = None
-        start = next(self._next)
-        backends = list(self.backends)
-        for i in range(len(backends)):  # each backend once, starting at this connection's turn
-            port = backends[(start + i) % len(backends)]
-            try:
-                with trio.fail_after(1):
-                    upstream = await trio.open_tcp_stream("127.0.0.1", port)
-                break
-            except (OSError, trio.TooSlowError):
-                continue
-        if upstream is None:
-            await client.aclose()
-            return
-        self.connections += 1
-        async with client, upstream, trio.open_nursery() as nursery:
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)

@@ -7,6 +7,8 @@ import socket
 
 import trio
 
+from bench.pods import splice
+
 
 class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -43,15 +45,4 @@ class TcpProxy:
         except OSError:
             await client.aclose()
             return
-        async with client, upstream, trio.open_nursery() as nursery:
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                try:
-                    while data := await src.receive_some(65536):
-                        await dst.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(pump, client, upstream)
-            nursery.start_soon(pump, upstream, client)
+        await splice(client, upstream)
