@@ -223,6 +223,11 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     async def storage_down(exc: StorageUnavailable) -> Response:
         return await api_error(ApiError(codes.UNAVAILABLE, "storage unavailable, retry later"))
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def not_utf8(exc: UnicodeDecodeError) -> Response:
+        # Quart decodes a JSON body as text before parsing it: bytes that are not UTF-8 are the client's error.
+        return await api_error(ApiError(codes.BAD_FRAME, "the request body must be UTF-8 encoded JSON"))
+
     @app.errorhandler(413)
     async def too_large(exc: Exception) -> Response:
         return await api_error(ApiError(codes.TOO_LARGE, "request body too large"))

@@ -148,6 +148,9 @@ async def serve(
         hconfig = HypercornConfig()
         hconfig.bind = [f"{settings.host}:{settings.http_port}"]
         hconfig.graceful_timeout = 2
+        hconfig.read_timeout = settings.http_read_timeout_s  # type: ignore[assignment]  # a float works (trio)
+        # A connection that never sends a request is cut by hypercorn's keep-alive timer, not the read timeout.
+        hconfig.keep_alive_timeout = min(hconfig.keep_alive_timeout, settings.http_read_timeout_s)
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         hconfig.accesslog = None
         http_stop = trio.Event()

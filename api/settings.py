@@ -70,6 +70,9 @@ class Settings:
     max_restarts: int = 10
     restart_window_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    # A REST connection that sends nothing for this long is closed (idle keep-alive, HTTP/1.0, a body that never
+    # comes): without it hypercorn + quart-trio keep such sockets open indefinitely (TRAPS).
+    http_read_timeout_s: float = 30.0
 
 
 _ENV_PREFIX = "SESSIOND_"
@@ -161,6 +164,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("SESSIOND_DURABILITY=postgres needs SESSIOND_DATABASE_URL")
     if not POD_ID_RE.fullmatch(s.pod_id):
         raise SettingsError("SESSIOND_POD_ID must be 1-64 of [A-Za-z0-9._-]")
+    if s.http_read_timeout_s <= 0:
+        raise SettingsError("SESSIOND_HTTP_READ_TIMEOUT_S must be positive")
     if not 0.5 <= s.lease_ttl_s <= 60:
         raise SettingsError("SESSIOND_LEASE_TTL_S must be between 0.5 and 60 seconds")
     if s.jwt_algorithm == "HS256" and s.jwt_public_key and not s.jwt_secret:

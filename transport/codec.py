@@ -83,8 +83,18 @@ def _loads_json(data: str | bytes) -> JSON:
     # Fast path: a text with at most MAX_DEPTH opening brackets cannot nest deeper than that.
     kind = type(obj)
     if (kind is dict or kind is list) and _brackets(data) > MAX_DEPTH and not _json_depth_ok(obj, 1):
-        raise _bad(f"nesting deeper than {MAX_DEPTH}")
+        raise _too_deep(obj)
     return obj
+
+
+def _too_deep(obj: JSON) -> ProtocolError:
+    """Parsed, but nested too deeply to keep: an op is refused as `invalid_op` with its id (the client can tell
+    which request failed), anything else as `bad_frame`, with the id when one can be read."""
+    message = f"nesting deeper than {MAX_DEPTH}"
+    if type(obj) is not dict:
+        return _bad(message)
+    code = codes.INVALID_OP if obj.get("t") == "op" else codes.BAD_FRAME
+    return ProtocolError(code, message, id=_frame_id(obj))
 
 
 _SCALARS = frozenset({str, int, bool, type(None)})
@@ -151,7 +161,7 @@ def _loads_msgpack(data: str | bytes) -> JSON:
             return obj
     why = _msgpack_ok(obj, 1)
     if why is not None:
-        raise _bad(why)
+        raise _too_deep(obj) if why.startswith("nesting") else _bad(why)
     return obj
 
 
@@ -270,7 +280,8 @@ _PARSERS: dict[str, Callable[[dict[str, JSON]], ClientFrame]] = {
 
 
 def decode(data: str | bytes, subprotocol: str) -> ClientFrame:
-    """Parse and validate one client frame. Raises only ProtocolError (code `bad_frame`).
+    """Parse and validate one client frame. Raises only ProtocolError (`bad_frame`; `invalid_op` for an op whose
+    value nests too deeply).
 
     Optional fields given as null count as absent. Unknown keys are ignored (and dropped from ops).
     The error carries the frame's `id` whenever a valid one could be read. An unknown `subprotocol`

@@ -86,6 +86,49 @@ async def test_a_garbage_flood_is_closed_with_1008_and_a_close_frame(server: Har
         assert await d.closed_code() == 1008
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-16"])
+async def test_rest_bodies_that_are_not_utf8_get_400_with_the_error_body(server: Harness, content_type: str) -> None:
+    """Issue 8: such bodies got Quart's HTML 500 page and an error log; they are the client's mistake."""
+    sid = await server.create_session()
+    bad = b'{"name":"\xff"}' if "utf-16" not in content_type else '{"name":"x"}'.encode("utf-16")
+    async with server.rest() as http:
+        for method, path in (("POST", "/v1/sessions"), ("PATCH", f"/v1/sessions/{sid}"),
+                             ("POST", f"/v1/sessions/{sid}/handoff")):
+            r = await http.request(method, path, content=bad, headers={"content-type": content_type})
+            assert r.status_code == 400, (method, path, r.text)
+            assert r.json()["error"]["code"] == "bad_frame"
+
+
+async def test_idle_rest_connections_are_released(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Issue 8: after a response (HTTP/1.0, keep-alive) or with no request at all, the socket stayed open for good,
+    one descriptor per request for anyone reaching the port. With a read timeout each one closes."""
+    h = await start_server(nursery, tmp_path, http_read_timeout_s=0.5)
+
+    async def closed_by_server(request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", h.running.http_port)
+        got = b""
+        with trio.fail_after(5):  # well past the 0.5 s read timeout, far below "never"
+            if request:
+                await stream.send_all(request)
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+        await stream.aclose()
+        return got
+
+    async with trio.open_nursery() as many:  # many idle sockets at once: all released
+        results: list[bytes] = []
+
+        async def one(request: bytes) -> None:
+            results.append(await closed_by_server(request))
+
+        for _ in range(20):
+            many.start_soon(one, b"")
+            many.start_soon(one, b"GET /healthz HTTP/1.0\r\n\r\n")
+            many.start_soon(one, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sum(r.startswith(b"HTTP/1.1 200") for r in results) == 40 and results.count(b"") == 20
+    h.running.stop()
+
+
 async def test_first_frame_must_be_hello(server: Harness) -> None:
     async with raw_device(server, None, hello={}) as d:
         await d.send({"t": "op", "id": 1, "ops": [{"op": "del", "path": "/x"}]})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import trio
 from trio_websocket import open_websocket_url
@@ -125,3 +127,30 @@ async def test_token_in_authorization_header(server: Harness) -> None:
     headers = [("Authorization", f"Bearer {server.token()}")]
     async with raw_device(server, sid, hello=hello, extra_headers=headers) as d:
         assert d.welcome is not None and d.welcome["version"] == 0
+
+
+def _deep(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+async def test_an_op_nested_too_deeply_gets_invalid_op_with_its_id_in_both_formats(server: Harness) -> None:
+    """Issue 8: a 70-level value was refused as `bad_frame` without the op's id; the client could not tell which
+    request failed. The session goes on."""
+    sid = await server.create_session()
+    deep = {"t": "op", "id": 15, "ops": [{"op": "set", "path": "/d", "value": _deep(70)}]}
+    async with raw_device(server, sid) as d:
+        await d.send(deep)
+        error = await d.recv_type("error")
+        assert (error["code"], error.get("id")) == ("invalid_op", 15)
+        await d.send({"t": "op", "id": 16, "ops": [{"op": "set", "path": "/ok", "value": 1}]})
+        assert (await d.recv_type("ack"))["version"] == 1
+    async with open_websocket_url(server.ws_url, subprotocols=["sessiond.v1.msgpack"]) as ws:
+        await ws.send_message(msgpack.packb({"t": "hello", "token": server.token(), "session": sid, "device": "m"}))
+        assert msgpack.unpackb(await ws.get_message())["t"] == "welcome"
+        await ws.send_message(msgpack.packb(deep))
+        with trio.fail_after(5):
+            error = msgpack.unpackb(await ws.get_message())
+        assert (error["t"], error["code"], error.get("id")) == ("error", "invalid_op", 15)

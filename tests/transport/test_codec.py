@@ -236,9 +236,6 @@ INVALID: list[tuple[Any, int | None, str]] = [
     ({"t": "op", "id": 7, "ops": [OP_OK], "base": "3"}, 7, "base"),
     ({"t": "op", "id": 7, "ops": [OP_OK], "base": 1.5}, 7, "base"),
     ({"t": "op", "id": 7, "ops": [OP_OK], "base": False}, 7, "base"),
-    # depth: 65 levels
-    ({"t": "op", "id": 7, "ops": [{"op": "set", "path": "/a", "value": nested(62)}]}, None, "nesting"),
-    ({"t": "op", "id": 7, "ops": [{"op": "set", "path": "/a", "value": {"x": nested(61)}}]}, None, "nesting"),
     # pause / claim / auth
     ({"t": "pause"}, None, "'id'"),
     ({"t": "pause", "id": "1"}, None, "'id'"),
@@ -260,6 +257,30 @@ def test_invalid_frames(sp: str, frame: Any, error_id: int | None, word: str) ->
     assert info.value.id == error_id
     assert word in info.value.message
     assert info.value.close is None
+
+
+TOO_DEEP = [  # 65 levels and more: parsed, then refused
+    {"t": "op", "id": 7, "ops": [{"op": "set", "path": "/a", "value": nested(62)}]},
+    {"t": "op", "id": 7, "ops": [{"op": "set", "path": "/a", "value": {"x": nested(61)}}]},
+    {"t": "op", "id": 7, "ops": [{"op": "set", "path": "/a", "value": nested(70)}]},
+]
+
+
+@BOTH
+@pytest.mark.parametrize("frame", TOO_DEEP)
+def test_an_op_nested_too_deeply_is_invalid_op_with_its_id(sp: str, frame: Any) -> None:
+    """The client must be able to tell which request failed (issue 8): `invalid_op` with the op's id."""
+    with pytest.raises(ProtocolError) as info:
+        decode(enc(frame, sp), sp)
+    assert (info.value.code, info.value.id) == ("invalid_op", 7)
+    assert "nesting" in info.value.message
+
+
+@BOTH
+def test_other_frames_nested_too_deeply_are_bad_frames_with_their_id(sp: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(enc({"t": "auth", "token": "x", "id": 4, "junk": nested(70)}, sp), sp)
+    assert (info.value.code, info.value.id) == ("bad_frame", 4)
 
 
 JSON_GARBAGE: list[str | bytes] = [
