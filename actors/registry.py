@@ -61,7 +61,7 @@ class Registry:
         Returns how many were asked to leave; each checkpoints before it stops (DESIGN §5.5).
         """
         live = [a for a in self._actors.values() if a.state is not None]
-        total = sum(a.state.approx_bytes for a in live if a.state is not None)
+        total = sum(a.state.approx_bytes + a.state.replay_bytes for a in live if a.state is not None)
         metrics.ACTOR_STATE_BYTES.set(total)
         asked = 0
         if total <= self.config.memory_budget_bytes:
@@ -74,7 +74,7 @@ class Registry:
             except (Overloaded, ActorUnavailable):
                 continue
             assert actor.state is not None
-            total -= actor.state.approx_bytes
+            total -= actor.state.approx_bytes + actor.state.replay_bytes
             asked += 1
         return asked
 

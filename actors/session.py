@@ -144,6 +144,8 @@ class SessionState:
     devices: dict[str, DeviceInfo] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
     replay: deque[dict[str, JSON]] = field(default_factory=deque)
+    replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
+    replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
     acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
     approx_bytes: int = 0
     checkpointed_version: int = 0
@@ -155,8 +157,11 @@ class SessionState:
     journal_gap: tuple[int, int] | None = None  # set by restore when the journal skipped versions
 
     def __post_init__(self) -> None:
-        if self.replay.maxlen != self.replay_window:  # the replay buffer is bounded however we are built (§5.5)
-            self.replay = deque(self.replay, maxlen=self.replay_window)
+        if self.replay:  # built with patches (tests): their sizes, and the bounds, apply from here on
+            patches = list(self.replay)
+            self.replay = deque()
+            for patch in patches:
+                self._keep_for_replay(patch, len(orjson.dumps(patch["ops"])))
 
     # ---- construction and snapshots ----------------------------------------------------------
 
@@ -188,7 +193,6 @@ class SessionState:
             max_state_bytes=max_state_bytes,
             epoch=str(epoch),
         )
-        s.replay = deque(maxlen=replay_window)
         if snapshot is not None:
             # Our own copy: the journal replays onto it, and a store may hand the same object to the next restore.
             s.state = _copy_json(snapshot.state)
@@ -208,7 +212,7 @@ class SessionState:
             s.version = change.version
             if change.op_id is not None:
                 s._remember(change.device, change.op_id, change.version)
-            s.replay.append(s._patch(change.device, change.ops))
+            s._keep_for_replay(s._patch(change.device, change.ops), len(orjson.dumps(change.ops)))
         s.approx_bytes = len(orjson.dumps(s.state))
         return s
 
@@ -295,9 +299,13 @@ class SessionState:
                 frame["patches"] = []
                 return frame
             if missing <= len(self.replay):
-                frame["mode"] = "replay"
-                frame["patches"] = list(self.replay)[len(self.replay) - missing :]
-                return frame
+                first = len(self.replay) - missing
+                replay_size = sum(islice(self.replay_sizes, first, None))
+                # Only when it is smaller than the state itself: 400 changes of one 60 KB key replay as 24 MB.
+                if replay_size < 1024 or replay_size < len(orjson.dumps(self.state)):
+                    frame["mode"] = "replay"
+                    frame["patches"] = list(islice(self.replay, first, None))
+                    return frame
         frame["mode"] = "full"
         # A copy: effects are sent after the turn, when later changes of the same turn have moved the state on.
         frame["state"] = _copy_json(self.state)
@@ -346,12 +354,21 @@ class SessionState:
         if op_id is not None:
             self._remember(device, op_id, self.version)
         patch = self._patch(device, ops)
-        self.replay.append(patch)
+        self._keep_for_replay(patch, size_hint)
         self.effects.append(Journal(Change(self.version, device, op_id, ops)))
         if op_id is not None:
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         self.effects.append(Broadcast(patch, exclude=device))
         return Accepted(self.version)
+
+    def _keep_for_replay(self, patch: dict[str, JSON], size: int) -> None:
+        """Keep a patch for resuming devices, within `replay_window` patches and `max_state_bytes` bytes."""
+        self.replay.append(patch)
+        self.replay_sizes.append(size)
+        self.replay_bytes += size
+        while self.replay and (len(self.replay) > self.replay_window or self.replay_bytes > self.max_state_bytes):
+            self.replay.popleft()
+            self.replay_bytes -= self.replay_sizes.popleft()
 
     def _size_check(self, state: dict[str, JSON]) -> None:
         size = len(orjson.dumps(state))

@@ -461,3 +461,29 @@ def test_restore_stops_at_a_journal_gap_and_says_so() -> None:
     s = SessionState.restore(record, None, journal)
     assert s.version == 2 and s.state == {"k1": 1, "k2": 2}
     assert s.journal_gap == (2, 4)
+
+
+def test_replay_window_is_bounded_in_bytes_and_a_big_replay_becomes_the_full_state() -> None:
+    """Issue 8's measurement: 400 changes of 60 KB to one key keep a 60 KB state, but the window held 24 MB and a
+    device resuming from the start got a 22.9 MB replay. The window now holds at most max_state_bytes, and a
+    replay larger than the state is sent as the state."""
+    s = with_devices("a")
+    blob = "x" * 60_000
+    for op_id in range(1, 401):
+        s.change("a", op_id, [{"op": "set", "path": "/blob", "value": f"{op_id}{blob}"}], None, T)
+    s.take_effects()
+    assert s.replay_bytes <= s.max_state_bytes and len(s.replay) == len(s.replay_sizes) < 20
+    assert s.replay_bytes == sum(s.replay_sizes)
+    s.join("b", "web", 0, T, s.epoch)  # far behind: the window no longer holds version 1
+    s.join("c", "web", 395, T, s.epoch)  # 5 patches of 60 KB against a 60 KB state: the state is smaller
+    s.join("d", "web", 400, T, s.epoch)  # up to date: an empty replay
+    welcomes = {e.device: e.frame for e in s.take_effects() if isinstance(e, Send)}
+    assert welcomes["b"]["mode"] == "full" and welcomes["c"]["mode"] == "full"
+    assert welcomes["d"]["mode"] == "replay" and welcomes["d"]["patches"] == []
+    small = with_devices("a")
+    for op_id in range(1, 6):
+        small.change("a", op_id, inc(), None, T)
+    small.take_effects()
+    small.join("e", "web", 2, T, small.epoch)  # 3 tiny patches: replayed
+    (welcome,) = [e.frame for e in small.take_effects() if isinstance(e, Send)]
+    assert welcome["mode"] == "replay" and [p["version"] for p in welcome["patches"]] == [3, 4, 5]
