@@ -25,6 +25,7 @@ from storage.ports import JSON, SessionRecord, Snapshot, Storage, save_durable
 
 log = structlog.get_logger("sessiond.registry")
 BUDGET_CHECK_S = 1.0
+MAX_FAILED = 10_000  # failed-session marks kept (oldest dropped first: they only delay a retry)
 
 __all__ = ["Registry", "SessionNotFound"]
 
@@ -54,6 +55,14 @@ class Registry:
             while True:
                 await trio.sleep(BUDGET_CHECK_S)
                 self.enforce_memory_budget()
+                self.forget_failures()
+
+    def forget_failures(self) -> None:
+        """Drop failed-session marks whose cooldown is over, and keep at most MAX_FAILED of them (§5.5)."""
+        now = trio.current_time()
+        self._failed = {sid: until for sid, until in self._failed.items() if until > now}
+        while len(self._failed) > MAX_FAILED:
+            self._failed.pop(next(iter(self._failed)))
 
     def enforce_memory_budget(self) -> int:
         """Passivate idle actors, least recently used first, while live state exceeds the budget.

@@ -13,7 +13,18 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from storage.ports import JSON, Change, Fenced, LeaseHeld, Member, SessionRecord, Snapshot, Storage
+from storage.ports import (
+    JSON,
+    MAX_JOURNAL_ENTRIES,
+    Change,
+    Fenced,
+    JournalFull,
+    LeaseHeld,
+    Member,
+    SessionRecord,
+    Snapshot,
+    Storage,
+)
 
 MAX_EVENTS = 10_000
 
@@ -114,13 +125,19 @@ class MemorySnapshotStore:
 
 
 class MemoryJournal:
-    def __init__(self, fences: Fences | None = None) -> None:
+    """Bounded like the others (`max_entries` per session): while checkpoints fail it must not grow for good."""
+
+    def __init__(self, fences: Fences | None = None, max_entries: int = MAX_JOURNAL_ENTRIES) -> None:
         self._changes: dict[str, list[Change]] = defaultdict(list)
         self.fences = fences or Fences()
+        self.max_entries = max_entries
 
     async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         self.fences.check(session_id, token)
-        self._changes[session_id].extend(changes)
+        held = self._changes[session_id]
+        if len(held) + len(changes) > self.max_entries:
+            raise JournalFull(f"in-memory journal of {session_id} is full (checkpoints are failing)")
+        held.extend(changes)
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
         return [c for c in self._changes.get(session_id, ()) if c.version > version]

@@ -23,6 +23,13 @@ class StorageUnavailable(StorageError):
     """A backend cannot be reached right now; the caller may retry later."""
 
 
+class JournalFull(StorageUnavailable):
+    """A session's journal reached its cap: snapshots (which trim it) have stopped."""
+
+
+MAX_JOURNAL_ENTRIES = 10_000  # per session, in every journal backend
+
+
 class Fenced(StorageError):
     """A write carried a fencing token older than the session's: another pod owns the session now (DESIGN §6).
 

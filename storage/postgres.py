@@ -27,8 +27,10 @@ from storage.bridge import Bridge, open_bridge
 from storage.memory import Fences, decode_cursor, encode_cursor
 from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
 from storage.ports import (
+    MAX_JOURNAL_ENTRIES,
     Change,
     Fenced,
+    JournalFull,
     JournalRefused,
     SessionRecord,
     Snapshot,
@@ -36,8 +38,6 @@ from storage.ports import (
     VersionConflict,
 )
 from storage.redis_store import (
-    MAX_JOURNAL_ENTRIES,
-    JournalFull,
     decode_change,
     decode_snapshot,
     encode_change,

@@ -37,20 +37,24 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.bridge import Bridge
 from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
-from storage.ports import Change, Fenced, JournalRefused, Snapshot, StorageUnavailable, VersionConflict
+from storage.ports import (
+    MAX_JOURNAL_ENTRIES,
+    Change,
+    Fenced,
+    JournalFull,
+    JournalRefused,
+    Snapshot,
+    StorageUnavailable,
+    VersionConflict,
+)
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "sessiond:"
-MAX_JOURNAL_ENTRIES = 10_000
 SOCKET_TIMEOUT_S = 2.0
 
 _APPEND_SECONDS = JOURNAL_APPEND_SECONDS.labels("redis")
 _APPENDED = JOURNAL_APPENDED.labels("redis")
-
-
-class JournalFull(StorageUnavailable):
-    """A session's journal reached its cap: snapshots (which trim it) have stopped."""
 
 
 # KEYS[1] journal, KEYS[2] fence; ARGV[1] cap, ARGV[2] token; ARGV[2k+1], ARGV[2k+2] = version, payload.

@@ -107,3 +107,16 @@ async def test_shutdown_without_actors_returns(nursery: trio.Nursery) -> None:
         await registry.shutdown(1.0)
     with pytest.raises(ActorUnavailable):
         await registry.get("anything")
+
+
+async def test_failed_session_marks_expire_and_are_bounded(nursery: trio.Nursery) -> None:
+    """A failed session is refused for one restart window; the marks must not pile up for good (§5.5)."""
+    from actors import registry as registry_module
+
+    registry, _ = await start(nursery, ActorConfig(restart_window_s=0.05))
+    registry._failed = {"old": trio.current_time() - 1, "live": trio.current_time() + 60}
+    registry.forget_failures()
+    assert registry._failed.keys() == {"live"}
+    registry._failed = {f"s{i}": trio.current_time() + 60 for i in range(registry_module.MAX_FAILED + 5)}
+    registry.forget_failures()
+    assert len(registry._failed) == registry_module.MAX_FAILED and "s0" not in registry._failed

@@ -8,7 +8,18 @@ import uuid
 import pytest
 import trio
 
-from storage.ports import Change, Fenced, LeaseHeld, Member, SessionRecord, Snapshot, Storage, save_durable
+from storage.ports import (
+    MAX_JOURNAL_ENTRIES,
+    Change,
+    Fenced,
+    JournalFull,
+    LeaseHeld,
+    Member,
+    SessionRecord,
+    Snapshot,
+    Storage,
+    save_durable,
+)
 
 
 def uid(prefix: str = "") -> str:
@@ -372,3 +383,16 @@ async def test_pubsub_delivers_in_order_to_the_subscribed_pod_only(storage: Stor
                 assert not gap
                 got.extend(messages)
         assert got == [b"1", b"2", b"3"]
+
+
+async def test_a_journal_refuses_growth_past_its_cap(storage: Storage) -> None:
+    """Snapshots trim the journal; when they keep failing, growth stops with JournalFull (a StorageUnavailable)
+    instead of filling memory or disk. Every backend has the same cap."""
+    sid = uid("s-")
+    cap = MAX_JOURNAL_ENTRIES
+    await storage.journal.append(sid, [change(v) for v in range(1, cap + 1)])
+    with pytest.raises(JournalFull):
+        await storage.journal.append(sid, [change(cap + 1)])
+    assert len(await storage.journal.read_after(sid, cap - 1)) == 1
+    await storage.journal.trim(sid, cap)
+    await storage.journal.append(sid, [change(cap + 1)])
