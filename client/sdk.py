@@ -95,6 +95,7 @@ class Session:
         hello_timeout_s: float = 10.0,
         first_id: int | None = None,
         handshake_timeout_s: float = 5.0,
+        request_timeout_s: float = 30.0,
     ) -> None:
         if subprotocol not in SUBPROTOCOLS:
             raise ValueError(f"subprotocol must be one of {sorted(SUBPROTOCOLS)}")
@@ -117,6 +118,7 @@ class Session:
         self._connect_timeout = connect_timeout_s
         self._hello_timeout = hello_timeout_s
         self._handshake_timeout = handshake_timeout_s
+        self._request_timeout = request_timeout_s
         self._ws: WebSocketConnection | None = None
         self._codec = Codec(None)
         self._ready = False
@@ -281,7 +283,13 @@ class Session:
             self._replica.pending[request_id] = request
             if self._ready:
                 await self._send_quietly(frame)
-        return await request.wait()
+        with trio.move_on_after(self._request_timeout):
+            return await request.wait()
+        # The outcome is unknown: it may have been applied. It stays queued and is retransmitted with its id on
+        # every reconnect, so the server applies it at most once; resending it as a new request could apply it twice.
+        raise SessionError(
+            "timeout", f"no answer within {self._request_timeout:g} s; the request stays queued (applied at most once)"
+        )
 
     async def _send_quietly(self, frame: Frame) -> None:
         """Send on the current connection; a dead one is the reader's business (it reconnects and
@@ -531,6 +539,7 @@ def open_session(
     hello_timeout_s: float = 10.0,
     first_id: int | None = None,
     handshake_timeout_s: float = 5.0,
+    request_timeout_s: float = 30.0,
 ) -> Session:
     """`async with open_session(url, token=..., session=..., device=...) as s:` — joined once entered.
 
@@ -540,7 +549,9 @@ def open_session(
     be quick and must not raise (an exception there tears the session down).
     `first_id` fixes the first request id (default: the wall clock in µs, so ids grow across restarts).
     `handshake_timeout_s` bounds each TCP connect + WebSocket upgrade (a balancer that accepts and closes must not
-    cost a whole hello timeout); `hello_timeout_s` then bounds the wait for the welcome.
+    cost a whole hello timeout); `hello_timeout_s` then bounds the wait for the welcome. A request (`op`, `pause`,
+    `claim`) unanswered after `request_timeout_s` raises SessionError `timeout`: its outcome is unknown, and it
+    stays queued and is retransmitted with its id, so the server applies it at most once.
     """
     return Session(
         url,
@@ -560,4 +571,5 @@ def open_session(
         hello_timeout_s=hello_timeout_s,
         first_id=first_id,
         handshake_timeout_s=handshake_timeout_s,
+        request_timeout_s=request_timeout_s,
     )

@@ -665,3 +665,30 @@ def test_replica_gap_and_divergence_rules() -> None:
         replica.on_patch({"t": "patch", "version": 2, "ops": [{"op": "inc", "path": "/n/deeper"}]})
     assert not info.value.resume  # our copy is wrong: full state needed
     assert replica.version == 1
+
+
+async def test_an_unanswered_request_times_out_and_stays_queued(peer: Peer, nursery: trio.Nursery) -> None:
+    """Issue 8: op() waited forever when no answer came. It now raises `timeout` (outcome unknown), and the request
+    keeps its id in the queue: after a reconnect it is retransmitted, so the server applies it at most once."""
+    first: list[Frame] = []
+    timed_out = trio.Event()
+    retransmitted: list[Frame] = []
+
+    async def server() -> None:
+        conn = await joined(peer, {"n": 0}, version=1)
+        first.append(await conn.recv())  # never answered
+        await timed_out.wait()
+        await conn.close(1001, "going away")
+        conn = await joined(peer, {"n": 0}, version=1)
+        retransmitted.append(await conn.recv())
+
+    nursery.start_soon(server)
+    async with connect(peer, request_timeout_s=0.3) as s:
+        with pytest.raises(SessionError) as info:
+            await s.inc("/n")
+        assert info.value.code == "timeout" and "at most once" in info.value.message
+        timed_out.set()
+        with trio.fail_after(5):
+            while not retransmitted:
+                await trio.sleep(0.01)
+    assert retransmitted == first  # same id, same ops
