@@ -30,6 +30,11 @@ class SessionNotFound(LookupError):
     """No such session, or it has ended."""
 
 
+class AnswerTimeout(ActorUnavailable):
+    """No answer in time. The request may still be carried out (it may sit in a mailbox, or its answer got lost):
+    its outcome is unknown, unlike a refusal."""
+
+
 class NotOwner(ActorUnavailable):
     """The pod asked does not place the session on itself (views differ for a moment): ask again."""
 
@@ -110,7 +115,7 @@ class Reply:
         with trio.move_on_after(timeout_s):
             await self._event.wait()
         if not self._event.is_set():
-            raise ActorUnavailable("the session did not answer in time")
+            raise AnswerTimeout("the session did not answer in time")
         if self._error is not None:
             raise self._error
         return self._value
@@ -168,12 +173,14 @@ class RestChange:
     ops: list[dict[str, JSON]]
     base: int | None
     reply: Reply = field(default_factory=Reply)
+    key: int | None = None  # the Idempotency-Key, hashed (actors.session.rest_key)
 
 
 @dataclass(frozen=True, slots=True)
 class RestHandoff:
     device: str
     reply: Reply = field(default_factory=Reply)
+    key: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ Edge pod (where the device is connected) -> owner pod (where its session's actor
 - `["a", req, session, conn, device, kind, resume, epoch]`: attach a device; the link's message 1
 - `["m", conn, seq, what, args]`: a device's message: `op` [op_id, ops, base, size], `pause` / `claim` op_id,
   `resync` / `detach` None
-- `["q", req, session, what, args]`: an ask (REST): `change` [ops, base], `handoff` device, `describe`, `end`,
-  `peek` [sessions], `stats`
+- `["q", req, session, what, args]`: an ask (REST): `change` [ops, base, key], `handoff` [device, key],
+  `describe`, `end`, `peek` [sessions], `stats` (`key`: the hashed Idempotency-Key or None)
 Owner pod -> edge pod:
 - `["f", frame, [conn, seq, conn, seq, ...]]`: one frame for several devices of that pod (a patch crosses once)
 - `["c", conn, code, reason]`: close a device's connection
@@ -37,7 +37,8 @@ NOT_FOUND = "not_found"
 UNAVAILABLE = "unavailable"
 OVERLOADED = "overloaded"
 NOT_OWNER = "not_owner"  # the receiving pod does not place the session on itself (views differ for a moment)
-REPLY_ERRORS = frozenset({NOT_FOUND, UNAVAILABLE, OVERLOADED, NOT_OWNER})
+TIMEOUT = "timeout"  # the owner's actor did not answer in time: the outcome is unknown
+REPLY_ERRORS = frozenset({NOT_FOUND, UNAVAILABLE, OVERLOADED, NOT_OWNER, TIMEOUT})
 
 
 class BadRelayMessage(ValueError):

@@ -24,6 +24,7 @@ import trio
 from actors import metrics, relay
 from actors.messages import (
     ActorUnavailable,
+    AnswerTimeout,
     AskMessage,
     Attach,
     ChangeRequest,
@@ -368,6 +369,8 @@ class Relay:
             reply.fail(Overloaded(str(value)))
         elif status == relay.NOT_OWNER:
             reply.fail(NotOwner(str(value)))
+        elif status == relay.TIMEOUT:
+            reply.fail(AnswerTimeout(str(value)))
         else:
             reply.fail(ActorUnavailable(str(value)))
 
@@ -478,9 +481,11 @@ class Relay:
         if not self.is_mine(session_id):
             raise NotOwner(f"pod {self.pod} does not own the session")
         if what == "change":
-            return relay.result_to_wire(await registry.ask(session_id, RestChange(args[0], args[1])))
+            ops, base, key = args
+            return relay.result_to_wire(await registry.ask(session_id, RestChange(ops, base, key=key)))
         if what == "handoff":
-            return relay.result_to_wire(await registry.ask(session_id, RestHandoff(args)))
+            device, key = args
+            return relay.result_to_wire(await registry.ask(session_id, RestHandoff(device, key=key)))
         if what == "describe":
             return await registry.ask(session_id, Describe())
         if what == "end":
@@ -570,6 +575,8 @@ def _error_reply(exc: Exception) -> tuple[str, str]:
         return relay.NOT_FOUND, "no such session"
     if isinstance(exc, NotOwner):
         return relay.NOT_OWNER, str(exc)
+    if isinstance(exc, AnswerTimeout):
+        return relay.TIMEOUT, str(exc)
     if isinstance(exc, Overloaded):
         return relay.OVERLOADED, str(exc)
     if isinstance(exc, ActorUnavailable | StorageError):

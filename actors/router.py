@@ -202,10 +202,11 @@ class Router:
     async def _ask_remote(self, owner: str, session_id: str, message: AskMessage, timeout_s: float) -> Any:
         relay = self.relay
         if isinstance(message, RestChange):
-            value = await relay.ask(owner, session_id, "change", [message.ops, message.base], timeout_s)
+            value = await relay.ask(owner, session_id, "change", [message.ops, message.base, message.key], timeout_s)
             return result_from_wire(value)
         if isinstance(message, RestHandoff):
-            return result_from_wire(await relay.ask(owner, session_id, "handoff", message.device, timeout_s))
+            value = await relay.ask(owner, session_id, "handoff", [message.device, message.key], timeout_s)
+            return result_from_wire(value)
         if isinstance(message, Describe):
             return await relay.ask(owner, session_id, "describe", None, timeout_s)
         if isinstance(message, End):

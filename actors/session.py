@@ -8,6 +8,7 @@ Tests and the hypothesis model drive this class directly, without trio or socket
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -24,6 +25,13 @@ REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id
 ACKED_PER_DEVICE = 512  # answers (op id -> version) remembered per device for idempotent retransmits
 ACKED_IN_SNAPSHOT = 64  # per device, the newest ones; the last is the device's high-water mark
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
+REST_KEYS = 1024  # REST Idempotency-Keys remembered per session (live and in snapshots), oldest dropped
+
+
+def rest_key(idempotency_key: str) -> int:
+    """An Idempotency-Key as the op id of a REST change: 53 bits of blake2b (journaled like a device's op id)."""
+    digest = hashlib.blake2b(idempotency_key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 11
 
 
 def _copy_json(value: dict[str, JSON]) -> dict[str, JSON]:
@@ -147,6 +155,7 @@ class SessionState:
     replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
     replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
     acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
+    rest_keys: OrderedDict[int, int] = field(default_factory=OrderedDict)  # hashed Idempotency-Key -> version
     approx_bytes: int = 0
     checkpointed_version: int = 0
     # This incarnation of the session: the fencing token of the lease it was restored under (DESIGN §6), so a
@@ -200,7 +209,10 @@ class SessionState:
             s.status = snapshot.status if record.status != "ended" else "ended"
             s.active = snapshot.active
             for device, pairs in snapshot.acked.items():
-                s.acked[device] = OrderedDict(sorted((int(i), int(v)) for i, v in pairs))
+                if device == REST_DEVICE:  # Idempotency-Keys: no order among them, oldest first as saved
+                    s.rest_keys = OrderedDict((int(i), int(v)) for i, v in pairs)
+                else:
+                    s.acked[device] = OrderedDict(sorted((int(i), int(v)) for i, v in pairs))
         s.checkpointed_version = s.version
         for change in journal:
             if change.version <= s.version:
@@ -226,8 +238,11 @@ class SessionState:
             status=self.status,
             active=self.active,
             acked={
-                device: [[i, v] for i, v in reversed(list(islice(reversed(ids.items()), ACKED_IN_SNAPSHOT)))]
-                for device, ids in self.acked.items()
+                **{
+                    device: [[i, v] for i, v in reversed(list(islice(reversed(ids.items()), ACKED_IN_SNAPSHOT)))]
+                    for device, ids in self.acked.items()
+                },
+                **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
             },
         )
 
@@ -395,19 +410,24 @@ class SessionState:
         self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         return Accepted(self.version, None)
 
-    def claim(self, device: str, op_id: int | None, now: float) -> Result:
-        """`device` becomes active (a WebSocket claim, or REST handoff when op_id is None)."""
+    def claim(self, device: str, op_id: int | None, now: float, rest_key: int | None = None) -> Result:
+        """`device` becomes active (a WebSocket claim, or REST handoff when op_id is None, with its hashed
+        Idempotency-Key when it has one)."""
         if self.status == "ended":
             return self._reject(device, op_id, Rejected(codes.E_NOT_FOUND, "session ended"))
         if op_id is not None:
             answered = self._answered(device, op_id)
             if answered is not None:
                 return Accepted(answered, self.active)
+        if rest_key is not None and rest_key in self.rest_keys:
+            return Accepted(self.rest_keys[rest_key], device)  # the first answer; nothing changes
         self.status = "active"
         self._set_active(device, now)
         if op_id is not None:
             self._remember(device, op_id, self.version)
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
+        if rest_key is not None:
+            self._remember(REST_DEVICE, rest_key, self.version)  # saved by the handoff's snapshot
         return Accepted(self.version, device)
 
     def _set_active(self, device: str | None, now: float, checkpoint: str = "handoff") -> None:
@@ -447,6 +467,8 @@ class SessionState:
         exact version is kept for the newest ACKED_PER_DEVICE (ACKED_IN_SNAPSHOT after a restore); an older one
         is acked with the version of the next answered id, an upper bound of its own.
         """
+        if device == REST_DEVICE:  # an Idempotency-Key: exact match only (keys do not grow)
+            return self.rest_keys.get(op_id)
         known = self.acked.get(device)
         if not known or op_id > next(reversed(known)):
             return None
@@ -457,6 +479,11 @@ class SessionState:
         return version
 
     def _remember(self, device: str, op_id: int, version: int) -> None:
+        if device == REST_DEVICE:
+            self.rest_keys[op_id] = version
+            if len(self.rest_keys) > REST_KEYS:
+                self.rest_keys.popitem(last=False)
+            return
         ids = self.acked.get(device)
         if ids is None:
             ids = self.acked[device] = OrderedDict()

@@ -314,11 +314,11 @@ class SessionActor:
                     self._count(state.claim(message.link.device, message.op_id, wall))
             elif isinstance(message, RestChange):
                 self._inflight.append(message.reply)
-                result = state.change(REST_DEVICE, None, message.ops, message.base, wall)
+                result = state.change(REST_DEVICE, message.key, message.ops, message.base, wall)
                 replies.append((message.reply, self._count(result)))
             elif isinstance(message, RestHandoff):
                 self._inflight.append(message.reply)
-                replies.append((message.reply, self._count(state.claim(message.device, None, wall))))
+                replies.append((message.reply, self._count(state.claim(message.device, None, wall, message.key))))
             elif isinstance(message, Describe):
                 self._inflight.append(message.reply)
                 replies.append((message.reply, orjson.dumps(state.describe())))

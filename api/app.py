@@ -25,11 +25,20 @@ from quart_schema import (
 )
 from quart_trio import QuartTrio
 
-from actors.messages import ActorUnavailable, Describe, End, Overloaded, RestChange, RestHandoff, SessionNotFound
+from actors.messages import (
+    ActorUnavailable,
+    AnswerTimeout,
+    Describe,
+    End,
+    Overloaded,
+    RestChange,
+    RestHandoff,
+    SessionNotFound,
+)
 from actors.ops import MAX_STATE_DEPTH, nesting_ok
 from actors.registry import Registry
 from actors.router import Router
-from actors.session import Accepted, Rejected
+from actors.session import Accepted, Rejected, rest_key
 from api import metrics
 from api.auth import Authenticator, AuthError, Claims
 from api.settings import Settings
@@ -39,6 +48,7 @@ from storage.ports import SessionRecord, Storage, StorageUnavailable
 DEVICE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_METADATA_BYTES = 16 * 1024
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 ERROR_STATUS = codes.HTTP_STATUS
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -192,6 +202,15 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
             raise ApiError(codes.E_FORBIDDEN, "not your session")
         return record
 
+    def idempotency_key() -> int | None:
+        """The request's `Idempotency-Key` (DESIGN §4), hashed; a retry with the same key gets the first answer."""
+        raw = request.headers.get("Idempotency-Key")
+        if raw is None:
+            return None
+        if not IDEMPOTENCY_KEY_RE.fullmatch(raw):
+            raise ApiError(codes.BAD_FRAME, "Idempotency-Key must be 1-255 visible ASCII characters")
+        return rest_key(raw)
+
     def live(record: SessionRecord) -> SessionRecord:
         if record.status == "ended":
             raise ApiError(codes.E_NOT_FOUND, "session ended")
@@ -214,6 +233,18 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     @app.errorhandler(Overloaded)
     async def overloaded(exc: Overloaded) -> Response:
         return await api_error(ApiError(codes.RATE_LIMITED, "session busy, retry shortly"))
+
+    @app.errorhandler(AnswerTimeout)
+    async def no_answer(exc: AnswerTimeout) -> Response:
+        # Honest: the change was neither confirmed nor withdrawn. A retry with the same Idempotency-Key is safe.
+        return await api_error(
+            ApiError(
+                codes.UNAVAILABLE,
+                "no answer in time: the change may or may not have been applied; retry with the same "
+                "Idempotency-Key to apply it at most once",
+                outcome="unknown",
+            )
+        )
 
     @app.errorhandler(ActorUnavailable)
     async def unavailable(exc: ActorUnavailable) -> Response:
@@ -296,7 +327,7 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     @document_response(VersionOut)
     async def patch_session(session_id: str, data: PatchSession) -> Response:
         live(await owned(session_id))
-        result = await router.ask(session_id, RestChange(data.ops, data.base))
+        result = await router.ask(session_id, RestChange(data.ops, data.base, key=idempotency_key()))
         return _result(result, lambda r: {"version": r.version})
 
     @app.post("/v1/sessions/<session_id>/handoff")
@@ -305,7 +336,7 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
     @document_response(HandoffOut)
     async def handoff(session_id: str, data: HandoffRequest) -> Response:
         live(await owned(session_id))
-        result = await router.ask(session_id, RestHandoff(data.device))
+        result = await router.ask(session_id, RestHandoff(data.device, key=idempotency_key()))
         return _result(result, lambda r: {"active": r.active, "version": r.version})
 
     @app.delete("/v1/sessions/<session_id>")

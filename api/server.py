@@ -142,7 +142,10 @@ async def serve(
         assert storage.leases is not None
         leases = LeaseKeeper(storage.leases, storage.sessions, settings.pod_id, settings.lease_ttl_s)
         registry = Registry(storage, actor_config(settings), leases)
-        router = Router(settings.pod_id, registry, storage, leases, ttl_s=settings.lease_ttl_s)
+        router = Router(
+            settings.pod_id, registry, storage, leases, ttl_s=settings.lease_ttl_s,
+            ask_timeout_s=settings.request_timeout_s,
+        )
         ws = WebSocketServer(ws_config(settings), router, authenticator, on_user=_SeenUsers(storage))
         app = create_app(settings, router, authenticator, storage)
         hconfig = HypercornConfig()

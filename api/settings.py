@@ -73,6 +73,7 @@ class Settings:
     # A REST connection that sends nothing for this long is closed (idle keep-alive, HTTP/1.0, a body that never
     # comes): without it hypercorn + quart-trio keep such sockets open indefinitely (TRAPS).
     http_read_timeout_s: float = 30.0
+    request_timeout_s: float = 10.0  # how long a REST call waits for its session's actor (then 503, outcome unknown)
 
 
 _ENV_PREFIX = "SESSIOND_"
@@ -164,6 +165,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("SESSIOND_DURABILITY=postgres needs SESSIOND_DATABASE_URL")
     if not POD_ID_RE.fullmatch(s.pod_id):
         raise SettingsError("SESSIOND_POD_ID must be 1-64 of [A-Za-z0-9._-]")
+    if s.request_timeout_s <= 0 or s.request_timeout_s >= s.http_read_timeout_s:
+        raise SettingsError("SESSIOND_REQUEST_TIMEOUT_S must be positive and below SESSIOND_HTTP_READ_TIMEOUT_S")
     if s.http_read_timeout_s <= 0:
         raise SettingsError("SESSIOND_HTTP_READ_TIMEOUT_S must be positive")
     if not 0.5 <= s.lease_ttl_s <= 60:

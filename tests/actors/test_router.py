@@ -17,10 +17,10 @@ import trio.testing
 
 from actors.config import ActorConfig
 from actors.leases import LeaseKeeper
-from actors.messages import ActorRef, ChangeRequest, Describe, RestChange, RestHandoff
+from actors.messages import ActorRef, AnswerTimeout, ChangeRequest, Describe, RestChange, RestHandoff
 from actors.registry import Registry
 from actors.router import Router
-from actors.session import Accepted
+from actors.session import Accepted, rest_key
 from storage.memory import memory_storage
 from storage.ports import Fenced, Storage
 from tests.actors.fakes import FakeLink
@@ -269,3 +269,40 @@ async def test_a_retransmit_after_a_move_is_answered_not_applied_again(cluster: 
     await settle()
     assert [(f["id"], f["version"]) for f in again.of("ack")] == [(7, 1), (8, 2), (9, 3)]
     assert b'"n":3' in await edge.router.ask(sid, Describe())
+
+
+async def test_a_rest_retry_with_its_idempotency_key_after_a_move_applies_nothing(cluster: Cluster) -> None:
+    sid = await cluster.session()
+    owner, edge = cluster.owner_and_other(sid)
+    key = rest_key("client-request-1")
+    assert await edge.router.ask(sid, RestChange(inc(5), None, key=key)) == Accepted(1)
+    await owner.router.drain(grace_s=5)
+    owner.scope.cancel()
+    await cluster.converge()
+    assert await edge.router.ask(sid, RestChange(inc(5), None, key=key)) == Accepted(1)  # the first answer
+    assert b'"n":5' in await edge.router.ask(sid, Describe())
+
+
+async def test_an_ask_that_times_out_reports_an_unknown_outcome_and_a_keyed_retry_is_safe(cluster: Cluster) -> None:
+    """The change was neither confirmed nor withdrawn (it waits in the actor behind a slow write): the answer says
+    so (AnswerTimeout), and the retry with the same key returns the first result instead of applying it again."""
+    sid = await cluster.session()
+    owner, edge = cluster.owner_and_other(sid)
+    await owner.router.ask(sid, Describe())  # activate
+    gate = trio.Event()
+    journal = cluster.storage.journal
+    append = journal.append
+
+    async def slow_append(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await append(*args, **kwargs)
+
+    journal.append = slow_append  # type: ignore[method-assign]
+    key = rest_key("k")
+    with pytest.raises(AnswerTimeout):
+        await edge.router.ask(sid, RestChange(inc(), None, key=key), timeout_s=0.2)
+    gate.set()
+    await settle()
+    journal.append = append  # type: ignore[method-assign]
+    assert await edge.router.ask(sid, RestChange(inc(), None, key=key)) == Accepted(1)
+    assert b'"n":1' in await edge.router.ask(sid, Describe())

@@ -20,6 +20,7 @@ from actors.session import (
     Send,
     SessionState,
     Stop,
+    rest_key,
 )
 from storage.ports import Change, SessionRecord, Snapshot
 
@@ -487,3 +488,26 @@ def test_replay_window_is_bounded_in_bytes_and_a_big_replay_becomes_the_full_sta
     small.join("e", "web", 2, T, small.epoch)  # 3 tiny patches: replayed
     (welcome,) = [e.frame for e in small.take_effects() if isinstance(e, Send)]
     assert welcome["mode"] == "replay" and [p["version"] for p in welcome["patches"]] == [3, 4, 5]
+
+
+def test_rest_idempotency_keys_answer_retries_and_survive_restores() -> None:
+    """DESIGN §4: a retried PATCH / handoff with the same Idempotency-Key gets the first answer and changes nothing,
+    also after a restore from the journal or from a snapshot (a restart, or a move to another pod)."""
+    s = with_devices("a")
+    k1, k2, k3 = rest_key("k1"), rest_key("k2"), rest_key("k3")
+    assert s.change(REST_DEVICE, k1, inc(), None, T) == Accepted(1)
+    assert s.change(REST_DEVICE, k1, inc(), None, T) == Accepted(1)  # the retry: nothing applied
+    assert s.change(REST_DEVICE, k2, inc(), None, T) == Accepted(2)
+    assert s.state == {"n": 2} and s.version == 2
+    assert s.claim("a", None, T, k3) == Accepted(2, "a")
+    assert s.claim("a", None, T, k3) == Accepted(2, "a") and s.active == "a"
+    journal = _journal(s.take_effects())
+    assert [c.op_id for c in journal] == [k1, k2]  # keys are journaled with their change
+    from_journal = SessionState.restore(s.record(), Snapshot("s1", 0, {}, "active", None), journal)
+    from_snapshot = SessionState.restore(s.record(), s.snapshot(), [])
+    for restored in (from_journal, from_snapshot):
+        assert restored.change(REST_DEVICE, k1, inc(), None, T) == Accepted(1)
+        assert restored.change(REST_DEVICE, k2, inc(), None, T) == Accepted(2)
+        assert restored.state == {"n": 2}
+    assert from_snapshot.claim("b", None, T, k3) == Accepted(2, "b") and from_snapshot.active == "a"
+    assert s.change(REST_DEVICE, None, inc(), None, T) == Accepted(3)  # no key: applied every time

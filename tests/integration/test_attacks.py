@@ -102,7 +102,7 @@ async def test_rest_bodies_that_are_not_utf8_get_400_with_the_error_body(server:
 async def test_idle_rest_connections_are_released(tmp_path: Path, nursery: trio.Nursery) -> None:
     """Issue 8: after a response (HTTP/1.0, keep-alive) or with no request at all, the socket stayed open for good,
     one descriptor per request for anyone reaching the port. With a read timeout each one closes."""
-    h = await start_server(nursery, tmp_path, http_read_timeout_s=0.5)
+    h = await start_server(nursery, tmp_path, http_read_timeout_s=0.5, request_timeout_s=0.2)
 
     async def closed_by_server(request: bytes) -> bytes:
         stream = await trio.open_tcp_stream("127.0.0.1", h.running.http_port)

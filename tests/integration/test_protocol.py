@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.integration.harness import Harness, raw_device
+from tests.integration.harness import Harness, raw_device, start_server
 
 
 async def test_retransmit_is_idempotent(server: Harness) -> None:
@@ -154,3 +155,49 @@ async def test_an_op_nested_too_deeply_gets_invalid_op_with_its_id_in_both_forma
         with trio.fail_after(5):
             error = msgpack.unpackb(await ws.get_message())
         assert (error["t"], error["code"], error.get("id")) == ("error", "invalid_op", 15)
+
+
+async def test_rest_idempotency_key_makes_retries_safe(server: Harness) -> None:
+    """DESIGN §4: a PATCH or handoff retried with the same Idempotency-Key returns the first result, changes
+    nothing; without a key every PATCH applies; a malformed key is a 400."""
+    sid = await server.create_session(state={"n": 0})
+    inc = {"ops": [{"op": "inc", "path": "/n"}]}
+    async with server.rest() as http:
+        for _ in range(3):
+            r = await http.patch(f"/v1/sessions/{sid}", json=inc, headers={"Idempotency-Key": "req-1"})
+            assert (r.status_code, r.json()) == (200, {"version": 1})
+        r = await http.patch(f"/v1/sessions/{sid}", json=inc, headers={"Idempotency-Key": "req-2"})
+        assert r.json() == {"version": 2}
+        for _ in range(2):
+            r = await http.post(f"/v1/sessions/{sid}/handoff", json={"device": "tv"}, headers={"Idempotency-Key": "h"})
+            assert r.json() == {"active": "tv", "version": 2}
+        assert (await http.patch(f"/v1/sessions/{sid}", json=inc)).json() == {"version": 3}
+        bad = await http.patch(f"/v1/sessions/{sid}", json=inc, headers={"Idempotency-Key": "has space"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_frame"
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 3}
+
+
+async def test_rest_timeout_says_the_outcome_is_unknown(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A PATCH whose session does not answer in time gets 503 with `outcome: unknown` (it may still be applied),
+    and the retry with the same key applies it at most once."""
+    h = await start_server(nursery, tmp_path, request_timeout_s=0.3)
+    sid = await h.create_session(state={"n": 0})
+    gate = trio.Event()
+    journal = h.running.storage.journal
+    append = journal.append
+
+    async def slow_append(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await append(*args, **kwargs)
+
+    journal.append = slow_append  # type: ignore[method-assign]
+    inc = {"ops": [{"op": "inc", "path": "/n"}]}
+    async with h.rest() as http:
+        r = await http.patch(f"/v1/sessions/{sid}", json=inc, headers={"Idempotency-Key": "once"})
+        assert r.status_code == 503 and r.json()["error"]["outcome"] == "unknown"
+        gate.set()
+        journal.append = append  # type: ignore[method-assign]
+        r = await http.patch(f"/v1/sessions/{sid}", json=inc, headers={"Idempotency-Key": "once"})
+        assert (r.status_code, r.json()) == (200, {"version": 1})
+        assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 1}
+    h.running.stop()
