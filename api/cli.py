@@ -98,13 +98,14 @@ def _serve(settings: Settings) -> int:
     from api.auth import Authenticator
     from api.logs import configure_logging
     from api.server import serve
+    from storage.ports import DurabilitySwitchRefused
 
     configure_logging(settings.log_format, settings.log_level)
     authenticator = Authenticator.from_settings(settings)  # may create the dev key: before trio.run
     refused: list[BaseException] = []
     try:
         trio.run(serve, settings, authenticator)
-    except* ClusterConflict as group:
+    except* (ClusterConflict, DurabilitySwitchRefused) as group:
         refused.extend(group.exceptions)
     if refused:
         print(f"sessiond: refusing to start: {refused[0]}", file=sys.stderr)

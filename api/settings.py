@@ -44,6 +44,7 @@ class Settings:
     database_url: str | None = None
     amqp_url: str | None = None
     durability: str | None = None  # "memory" | "redis" | "postgres"; None: redis with Redis, else memory
+    allow_durability_switch: bool = False  # start in another mode even if the last mode's journal holds changes
     allowed_origins: tuple[str, ...] = ()
     rate_per_s: float = 50.0
     rate_burst: int = 100

@@ -277,6 +277,7 @@ async def running_cluster(count: int, workdir: Path, *, database_url: str, prefi
         "SESSIOND_REDIS_PREFIX": prefix,
         "SESSIOND_DATABASE_URL": database_url,
         "SESSIOND_DURABILITY": durability,
+        "SESSIOND_ALLOW_DURABILITY_SWITCH": "1",  # the bench database serves every mode, one run after another
         "SESSIOND_LEASE_TTL_S": f"{ttl_s:g}",
         **(extra_env or {}),
     })

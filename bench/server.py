@@ -275,6 +275,7 @@ async def running_target(
         env["SESSIOND_REDIS_PREFIX"] = f"sessiond-bench-{secrets.token_hex(4)}:"  # never mixes with other runs
     if postgres:
         env["SESSIOND_DATABASE_URL"] = await ensure_bench_database()
+        env["SESSIOND_ALLOW_DURABILITY_SWITCH"] = "1"  # the bench database serves every mode, run after run
     env.update(extra_env or {})
     storage = [s for s, on in (("redis", redis), ("postgres", postgres)) if on] or ["embedded"]
     if env.get("SESSIOND_DURABILITY"):

@@ -54,6 +54,7 @@ class MemorySessionStore:
     def __init__(self, fences: Fences | None = None) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self.users: set[str] = set()
+        self.markers: dict[str, str] = {}
         self.fences = fences or Fences()
 
     async def create_session(self, record: SessionRecord) -> None:
@@ -89,6 +90,12 @@ class MemorySessionStore:
 
     async def record_user(self, subject: str) -> None:
         self.users.add(subject)
+
+    async def get_marker(self, key: str) -> str | None:
+        return self.markers.get(key)
+
+    async def set_marker(self, key: str, value: str) -> None:
+        self.markers[key] = value
 
 
 def encode_cursor(created_at: float, session_id: str) -> str:
@@ -151,6 +158,9 @@ class MemoryJournal:
 
     async def delete(self, session_id: str) -> None:
         self._changes.pop(session_id, None)
+
+    async def holds_changes(self) -> bool:
+        return any(self._changes.values())
 
 
 class MemoryEventSink:

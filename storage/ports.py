@@ -30,6 +30,10 @@ class JournalFull(StorageUnavailable):
 MAX_JOURNAL_ENTRIES = 10_000  # per session, in every journal backend
 
 
+class DurabilitySwitchRefused(StorageError):
+    """The durability mode changed while the previous mode's journal may still hold acked changes."""
+
+
 class Fenced(StorageError):
     """A write carried a fencing token older than the session's: another pod owns the session now (DESIGN §6).
 
@@ -120,6 +124,12 @@ class SessionStore(Protocol):
     async def record_user(self, subject: str) -> None:
         """Note a JWT `sub` on first sight (idempotent)."""
         ...
+
+    async def get_marker(self, key: str) -> str | None:
+        """A deployment-wide fact kept with the sessions (e.g. the durability mode of the last start)."""
+        ...
+
+    async def set_marker(self, key: str, value: str) -> None: ...
 
 
 class SnapshotStore(Protocol):

@@ -235,6 +235,22 @@ class PostgresSessionStore:
         if len(self._known_users) > _KNOWN_USERS:
             self._known_users.popitem(last=False)
 
+    async def get_marker(self, key: str) -> str | None:
+        value = await _run(
+            self._bridge, self._pool.fetchval, "SELECT value FROM deployment_markers WHERE key = $1", key
+        )
+        return None if value is None else str(value)
+
+    async def set_marker(self, key: str, value: str) -> None:
+        await _run(
+            self._bridge,
+            self._pool.execute,
+            "INSERT INTO deployment_markers (key, value) VALUES ($1, $2)"
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            key,
+            value,
+        )
+
     async def has_user(self, subject: str) -> bool:
         """For tests and admin: was this subject recorded?"""
         found = await _run(self._bridge, self._pool.fetchval, "SELECT 1 FROM users WHERE subject = $1", subject)
@@ -379,6 +395,11 @@ class PostgresJournal:
 
     async def delete(self, session_id: str) -> None:
         await _run(self._bridge, self._pool.execute, "SELECT sessiond_journal_delete($1)", session_id)
+
+    async def holds_changes(self) -> bool:
+        """Whether any session's journal holds entries (a switch of durability mode must not ignore them)."""
+        found = await _run(self._bridge, self._pool.fetchval, "SELECT EXISTS (SELECT 1 FROM journal)")
+        return bool(found)
 
     async def length(self, session_id: str) -> int:
         """Entries currently held (for metrics and tests)."""

@@ -25,6 +25,7 @@ import trio
 from storage.batching import BatchingJournal, ManyJournal
 from storage.memory import MemoryEventSink, MemoryJournal, MemoryLeases, MemoryMembership, MemoryPubSub
 from storage.ports import (
+    DurabilitySwitchRefused,
     EventSink,
     Health,
     Journal,
@@ -127,6 +128,42 @@ class LayeredSnapshotStore:
 
 
 DURABILITY_MODES = ("memory", "redis", "postgres")
+DURABILITY_MARKER = "durability"
+
+
+class ChangeHolder(Protocol):
+    async def holds_changes(self) -> bool: ...
+
+
+async def check_durability_switch(
+    sessions: SessionStore, mode: str, journals: dict[str, ChangeHolder], *, allow: bool = False
+) -> None:
+    """Refuse to start in a durability mode other than the last one while that one's journal may still hold
+    acked changes: recovery reads only the journal of the current mode, so they would silently vanish.
+
+    A clean stop (SIGTERM) checkpoints every session durably and trims its journal, after which switching is safe.
+    `allow` (SESSIOND_ALLOW_DURABILITY_SWITCH) switches anyway, with a warning.
+    """
+    previous = await sessions.get_marker(DURABILITY_MARKER)
+    if previous is not None and previous != mode and previous != "memory":
+        old = journals.get(previous)
+        if old is None:
+            why = f"its journal ({previous}) is not configured now, so it cannot be checked"
+        elif await old.holds_changes():
+            why = f"the {previous} journal still holds changes that no durable snapshot covers"
+        else:
+            why = None
+        if why is not None:
+            message = (
+                f"the last start used SESSIOND_DURABILITY={previous}, this one {mode}, and {why}. Start once more "
+                f"with SESSIOND_DURABILITY={previous} and stop with SIGTERM (it checkpoints and trims the journal), "
+                f"or set SESSIOND_ALLOW_DURABILITY_SWITCH=1 to switch anyway and lose them"
+            )
+            if not allow:
+                raise DurabilitySwitchRefused(message)
+            log.warning("durability switched anyway", problem=message)
+    if previous != mode:
+        await sessions.set_marker(DURABILITY_MARKER, mode)
 
 
 def resolve_durability(settings: ProductionConfig, durability: str | None = None) -> str:
@@ -164,8 +201,10 @@ async def open_production_storage(
             from storage.sqlite import open_sqlite_storage  # lazily: only when something falls back to it
 
             embedded = await stack.enter_async_context(open_sqlite_storage(settings.data_dir))
+        allow_switch = bool(getattr(settings, "allow_durability_switch", False))
         if not uses_bridge:
             assert embedded is not None
+            await check_durability_switch(embedded.sessions, mode, {}, allow=allow_switch)
             yield Storage(
                 sessions=embedded.sessions,
                 snapshots=LayeredSnapshotStore(embedded.snapshots, embedded.snapshots),
@@ -229,6 +268,12 @@ async def open_production_storage(
             events = await stack.enter_async_context(open_amqp_events(bridge, settings.amqp_url))
         else:
             events = embedded.events if embedded is not None else MemoryEventSink()
+        journals: dict[str, ChangeHolder] = {}
+        if settings.database_url:
+            journals["postgres"] = pg.journal
+        if settings.redis_url:
+            journals["redis"] = rd.journal
+        await check_durability_switch(sessions, mode, journals, allow=allow_switch)
         if mode in ("redis", "postgres"):
             # Cross-session group commit: one round trip for every actor waiting (storage/batching.py).
             batching = BatchingJournal(cast(ManyJournal, journal))

@@ -255,6 +255,20 @@ class RedisJournal:
         n: int = await self._r.call(self._r.client.xlen, self._r.journal_key(session_id))
         return n
 
+    async def holds_changes(self) -> bool:
+        """Whether any session's journal under our prefix holds entries (every node of a cluster is scanned)."""
+        r = self._r
+        pattern = f"{r.prefix}{{*}}:j"
+
+        async def scan() -> bool:
+            async for key in r.client.scan_iter(match=pattern, count=1000):
+                if await r.client.xlen(key):
+                    return True
+            return False
+
+        found: bool = await r.call(scan)
+        return found
+
 
 class RedisSnapshotStore:
     """Latest snapshot per session; saving also trims the journal it covers (`trim_journal`)."""

@@ -66,6 +66,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE snapshots ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
     ),
+    ("CREATE TABLE markers (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
 )
 
 
@@ -333,6 +334,18 @@ class SqliteSessionStore:
         if self._fences is not None:
             self._fences.raise_to(session_id, current)
         return current
+
+    async def get_marker(self, key: str) -> str | None:
+        row = await self._db.run(lambda conn: conn.execute("SELECT value FROM markers WHERE key=?", (key,)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def set_marker(self, key: str, value: str) -> None:
+        await self._db.run(
+            lambda conn: conn.execute(
+                "INSERT INTO markers (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+        )
 
     async def record_user(self, subject: str) -> None:
         first_seen = time.time()

@@ -12,6 +12,7 @@ subprocess, redis-py's sync client and asyncpg under `asyncio.run`, all outside 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
 import subprocess
@@ -27,6 +28,11 @@ PG_ADMIN_URL = f"postgresql://postgres@{HOST}:{PG_PORT}/postgres"
 FIX_HINT = "start it with `scripts/services.sh ensure` (or `make services`)"
 
 SERVICE_FIXTURES = frozenset({"pg_url", "redis_url", "redis_prefix", "amqp_url"})
+
+# The whole run shares one PostgreSQL database between durability modes, which a deployment never does: servers
+# started as child processes (they inherit the environment) may switch modes. The guard itself is tested on a
+# database of its own (tests/integration/test_durability.py).
+os.environ["SESSIOND_ALLOW_DURABILITY_SWITCH"] = "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -28,6 +28,7 @@ def test_settings(data_dir: Path, **overrides: Any) -> Settings:
         "ws_port": 0,
         "jwt_secret": SECRET,
         "log_format": "json",
+        "allow_durability_switch": True,  # one database for the whole run, in every mode (see tests/conftest.py)
     }
     base.update(overrides)
     return load_settings({}, **base)

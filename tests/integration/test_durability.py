@@ -7,6 +7,7 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ async def test_actor_crash_mid_stream_keeps_every_acked_op(
 
 
 class _ServerProcess:
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], capture: bool = False) -> None:
         self.http, self.ws = _free_port(), _free_port()
         full = {
             **os.environ,
@@ -81,8 +82,11 @@ class _ServerProcess:
             "SESSIOND_RATE_LIMIT": "100000/100000",
             **env,
         }
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=full,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._log = data_dir / f"server-{self.http}.log" if capture else None
+        out = self._log.open("wb") if self._log is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=full, stdout=out,
+                                     stderr=subprocess.STDOUT)
+        self.output = (lambda: self._log.read_bytes()) if self._log is not None else None
 
     async def ready(self) -> None:
         with trio.fail_after(30):
@@ -339,3 +343,60 @@ async def test_events_reach_rabbitmq_and_survive_its_outage(
     got = await trio.to_thread.run_sync(_drain_queue, amqp_url, queue, 1, 20)
     assert [k for k, _, _ in got] == ["session.ended"]
     h.running.stop()
+
+
+@pytest.fixture
+def own_pg_url(pg_url: str) -> Iterator[str]:
+    """A database of this test's own (the run's shared one has seen every durability mode)."""
+    from tests.conftest import _pg_run
+
+    name = f"{pg_url.rsplit('/', 1)[1]}_{secrets.token_hex(3)}"
+    _pg_run(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{pg_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        _pg_run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_a_durability_switch_that_would_hide_acked_changes_is_refused(
+    tmp_path: Path, own_pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Issue 8: restarting postgres -> redis ignored the PostgreSQL journal, and acked ops vanished silently. A
+    start in another mode now refuses (exit 3, saying why) while the old journal holds changes; the old mode finds
+    them all, and after its clean stop (SIGTERM checkpoints and trims) the switch goes through."""
+    import jwt
+
+    token = jwt.encode({"sub": "alice", "exp": 4102444800}, SECRET, algorithm="HS256")
+    auth = {"Authorization": f"Bearer {token}"}
+    base = {"SESSIOND_DATABASE_URL": own_pg_url, "SESSIOND_REDIS_URL": redis_url,
+            "SESSIOND_REDIS_PREFIX": _prefix(redis_prefix), "SESSIOND_ALLOW_DURABILITY_SWITCH": "0"}
+    postgres, redis_mode = {**base, "SESSIOND_DURABILITY": "postgres"}, {**base, "SESSIOND_DURABILITY": "redis"}
+    first = _ServerProcess(tmp_path, postgres)
+    try:
+        await first.ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{first.http}", headers=auth) as http:
+            sid = (await http.post("/v1/sessions", json={"state": {"n": 0}})).json()["id"]
+            for _ in range(3):
+                assert (await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "inc", "path": "/n"}]})).is_success
+        first.proc.send_signal(signal.SIGKILL)  # the changes sit in the PostgreSQL journal only
+    finally:
+        first.stop()
+    refused = _ServerProcess(tmp_path, redis_mode, capture=True)
+    assert await trio.to_thread.run_sync(refused.proc.wait, 30) == 3
+    assert refused.output is not None and b"SESSIOND_DURABILITY=postgres" in refused.output()
+    again = _ServerProcess(tmp_path, postgres)
+    try:
+        await again.ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{again.http}", headers=auth) as http:
+            assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 3}
+        again.proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(again.proc.wait, 30) == 0
+    finally:
+        again.stop()
+    switched = _ServerProcess(tmp_path, redis_mode)
+    try:
+        await switched.ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{switched.http}", headers=auth) as http:
+            assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 3}
+    finally:
+        switched.stop()

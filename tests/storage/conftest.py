@@ -33,6 +33,8 @@ class ServiceSettings:
     database_url: str | None = None
     amqp_url: str | None = None
     durability: str | None = None
+    # The test run shares one database between modes: the guard against a switch is tested on its own database.
+    allow_durability_switch: bool = True
 
 
 @asynccontextmanager
