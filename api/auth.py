@@ -245,7 +245,7 @@ class Authenticator:
             raise AuthError("malformed token") from None
         return _claims(payload)
 
-    def mint(self, sub: str, *, roles: Sequence[str] = (), ttl_s: int = 3600) -> str:
+    def mint(self, sub: str, *, roles: Sequence[str] = (), ttl_s: float = 3600) -> str:
         """A token for `sub` signed with the configured secret (`sessiond token`, tests)."""
         if not self.can_mint:
             raise MintError(
@@ -258,8 +258,9 @@ class Authenticator:
             raise ValueError("roles must be a sequence of non-empty strings")
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
-        now = int(time.time())
-        payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl_s)}
+        # Exact lifetimes (RFC 7519 allows a non-integer NumericDate): a 1.5 s token lives 1.5 s, not 1-2 s.
+        now = time.time()
+        payload: dict[str, Any] = {"sub": sub, "iat": int(now), "exp": now + ttl_s}
         if roles:
             payload["roles"] = list(roles)
         if self._audience:
