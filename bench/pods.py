@@ -36,6 +36,7 @@ from bench.server import (
     free_port,
     redis_client,
     sessiond_command,
+    stop_process,
 )
 
 SERVICES_HINT = "start them with `scripts/services.sh ensure`"
@@ -238,22 +239,10 @@ async def _ready(pod: Pod) -> None:
 async def _stop(pods: list[Pod], grace_s: float) -> None:
     """SIGTERM every live pod at once (each drains), SIGKILL what is still running after `grace_s`."""
 
-    async def one(pod: Pod) -> None:
-        proc = pod.proc
-        if proc is None or proc.poll() is not None:
-            if proc is not None:
-                await proc.wait()
-            return
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(grace_s):
-            await proc.wait()
-            return
-        proc.kill()
-        await proc.wait()
-
     async with trio.open_nursery() as nursery:
         for pod in pods:
-            nursery.start_soon(one, pod)
+            if pod.proc is not None:
+                nursery.start_soon(stop_process, pod.proc, grace_s)
 
 
 @asynccontextmanager

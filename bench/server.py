@@ -186,8 +186,10 @@ async def _wait_ready(proc: trio.Process, port: int, health_url: str | None, log
         raise ServerError(f"server not ready on port {port} after {START_TIMEOUT_S:.0f} s (log: {log})")
 
 
-async def _stop(proc: trio.Process, grace_s: float = 15.0) -> None:
+async def stop_process(proc: trio.Process, grace_s: float = 15.0) -> None:
+    """SIGTERM (a sessiond drains), then SIGKILL after `grace_s`; returns once the process is gone."""
     if proc.poll() is not None:
+        await proc.wait()
         return
     proc.send_signal(signal.SIGTERM)
     with trio.move_on_after(grace_s):
@@ -233,7 +235,7 @@ async def spawned(name: str, argv: list[str], env: dict[str, str], port: int, he
         yield proc
     finally:
         with trio.CancelScope(shield=True):
-            await _stop(proc)
+            await stop_process(proc)
 
 
 @asynccontextmanager
