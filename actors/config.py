@@ -20,6 +20,7 @@ class ActorConfig:
     restart_window_s: float = 60.0
     storage_timeout_s: float = 5.0
     memory_budget_bytes: int = 512 << 20  # state bytes of all live actors; idle ones beyond it are passivated
+    max_devices: int = 64  # devices one session may have connected at once (a quota: the next one is refused)
 
     @property
     def handoff_to_durable_tier(self) -> bool:

@@ -390,6 +390,13 @@ class SessionActor:
 
     def _attach(self, state: SessionState, message: Attach, wall: float) -> None:
         device = message.link.device
+        if device not in self.links and len(self.links) >= self.config.max_devices:
+            limit = self.config.max_devices
+            error = {"t": "error", "code": codes.E_FORBIDDEN, "message": f"quota: at most {limit} devices per session"}
+            message.link.deliver(Outgoing(error))
+            message.link.close(codes.FORBIDDEN, "too many devices")
+            metrics.REJECTED.labels(codes.E_FORBIDDEN).inc()
+            return
         old = self.links.get(device)
         if old is not None and old is not message.link:
             old.close(codes.REPLACED, "replaced by a newer connection of this device")

@@ -41,6 +41,7 @@ from actors.router import Router
 from actors.session import Accepted, Rejected, rest_key
 from api import metrics
 from api.auth import Authenticator, AuthError, Claims
+from api.quotas import UserRateLimiter
 from api.settings import Settings
 from protocol import codes
 from storage.ports import SessionRecord, Storage, StorageUnavailable
@@ -169,6 +170,7 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
         scalar_ui_path=None,
     )
     app.json.loads = _strict_loads  # type: ignore[method-assign]  # after QuartSchema installed its provider
+    limiter = UserRateLimiter(settings.rest_rate_per_s, settings.rest_rate_burst)
 
     def authenticated(admin: bool = False) -> Callable[[F], F]:
         def decorate(handler: F) -> F:
@@ -183,6 +185,13 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
                     raise ApiError(codes.E_UNAUTHORIZED, exc.message) from None
                 if admin and not claims.is_admin:
                     raise ApiError(codes.E_FORBIDDEN, "admin role required")
+                now = trio.current_time()
+                if not limiter.allow(claims.sub, now):
+                    wait = limiter.retry_after_s(claims.sub, now)
+                    raise ApiError(
+                        codes.RATE_LIMITED,
+                        f"more than {settings.rest_rate_per_s:g} requests/s for this user; retry in {wait:.2f} s",
+                    )
                 g.claims = claims
                 return await handler(*args, **kwargs)
 
@@ -288,6 +297,11 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
         if len(orjson.dumps(data.state)) > settings.max_state_bytes:
             raise ApiError(codes.TOO_LARGE, f"state larger than {settings.max_state_bytes} bytes")
         claims: Claims = g.claims
+        owned_now = await storage.sessions.count_sessions(claims.sub)
+        if owned_now >= settings.max_sessions_per_user:
+            raise ApiError(
+                codes.E_FORBIDDEN, f"quota: at most {settings.max_sessions_per_user} sessions per user (delete some)"
+            )
         record = await registry.create_session(claims.sub, data.name, data.metadata, data.state)
         return _json({**_record_json(record), "state": data.state, "devices": []}, 201)
 

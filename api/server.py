@@ -51,6 +51,7 @@ def actor_config(settings: Settings) -> ActorConfig:
         durable_handoffs=settings.durability == "postgres",
         max_restarts=settings.max_restarts,
         restart_window_s=settings.restart_window_s,
+        max_devices=settings.max_devices_per_session,
     )
 
 
@@ -67,6 +68,7 @@ def ws_config(settings: Settings) -> WsConfig:
         idle_timeout_s=settings.idle_timeout_s,
         send_queue_frames=settings.send_queue_frames,
         send_queue_bytes=settings.send_queue_bytes,
+        max_connections_per_user=settings.max_connections_per_user,
     )
 
 

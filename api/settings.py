@@ -48,6 +48,13 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     rate_per_s: float = 50.0
     rate_burst: int = 100
+    # Quotas (issue 8): REST calls per user per second / burst (per pod), sessions a user may own, devices one
+    # session may have, WebSocket connections one user may hold on one pod.
+    rest_rate_per_s: float = 50.0
+    rest_rate_burst: int = 100
+    max_sessions_per_user: int = 1000
+    max_devices_per_session: int = 64
+    max_connections_per_user: int = 200
     max_frame_bytes: int = 65536
     max_state_bytes: int = 1 << 20
     max_token_bytes: int = 4096
@@ -123,12 +130,17 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         if short == "RATE_LIMIT":
             values.update(_parse_rate(raw))
             continue
+        if short == "REST_RATE_LIMIT":
+            values.update(_parse_rate(raw, "rest_"))
+            continue
         name = _ALIASES.get(short, short.lower())
         if name in names and name not in values:
             values[name] = _convert(name, raw, getattr(base, name))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "rate_limit" in values:
         values.update(_parse_rate(values.pop("rate_limit")))
+    if "rest_rate_limit" in values:
+        values.update(_parse_rate(values.pop("rest_rate_limit"), "rest_"))
     unknown = set(values) - names
     if unknown:
         raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
@@ -137,12 +149,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     return settings
 
 
-def _parse_rate(raw: str) -> dict[str, Any]:
+def _parse_rate(raw: str, prefix: str = "") -> dict[str, Any]:
     try:
         rate, _, burst = raw.partition("/")
-        return {"rate_per_s": float(rate), "rate_burst": int(burst or float(rate) * 2)}
+        return {f"{prefix}rate_per_s": float(rate), f"{prefix}rate_burst": int(burst or float(rate) * 2)}
     except ValueError as exc:
-        raise SettingsError(f"SESSIOND_RATE_LIMIT: expected RATE/BURST, got {raw!r}") from exc
+        raise SettingsError(f"SESSIOND_{prefix.upper()}RATE_LIMIT: expected RATE/BURST, got {raw!r}") from exc
 
 
 def _validate(s: Settings) -> None:
@@ -150,8 +162,10 @@ def _validate(s: Settings) -> None:
         port = getattr(s, name)
         if not 0 <= port <= 65535:
             raise SettingsError(f"{name}: {port} is not a port")
-    if s.rate_per_s <= 0 or s.rate_burst < 1:
-        raise SettingsError("rate limit must be positive")
+    if s.rate_per_s <= 0 or s.rate_burst < 1 or s.rest_rate_per_s <= 0 or s.rest_rate_burst < 1:
+        raise SettingsError("rate limits must be positive")
+    if min(s.max_sessions_per_user, s.max_devices_per_session, s.max_connections_per_user) < 1:
+        raise SettingsError("quotas must be at least 1")
     if s.max_frame_bytes < 1024:
         raise SettingsError("max_frame_bytes must be at least 1024")
     if s.log_format not in (None, "console", "json"):

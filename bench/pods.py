@@ -260,6 +260,10 @@ async def running_cluster(count: int, workdir: Path, *, database_url: str, prefi
         "SESSIOND_HOST": "127.0.0.1",
         "SESSIOND_JWT_SECRET": secret,
         "SESSIOND_RATE_LIMIT": "1000000/1000000",  # the bench measures cost, not the rate limiter
+        # ... nor the quotas: one bench user opens thousands of sessions and connections.
+        "SESSIOND_REST_RATE_LIMIT": "1000000/1000000",
+        "SESSIOND_MAX_SESSIONS_PER_USER": "1000000",
+        "SESSIOND_MAX_CONNECTIONS_PER_USER": "1000000",
         "SESSIOND_LOG_FORMAT": "json",
         "SESSIOND_LOG_LEVEL": "warning",
         "SESSIOND_REDIS_URL": REDIS_URL,

@@ -80,6 +80,9 @@ class MemorySessionStore:
         more = len(mine) > limit
         return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
+    async def count_sessions(self, owner: str) -> int:
+        return sum(1 for r in self._sessions.values() if r.owner == owner and r.status != "ended")
+
     async def update_session(self, record: SessionRecord, token: int = 0) -> None:
         if record.id in self._sessions:
             self.fences.check(record.id, token)

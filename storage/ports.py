@@ -109,6 +109,10 @@ class SessionStore(Protocol):
         """Newest first (created_at desc, id desc); `cursor` is opaque, returned as `next`."""
         ...
 
+    async def count_sessions(self, owner: str) -> int:
+        """How many sessions `owner` has that are not ended (the per-user quota)."""
+        ...
+
     async def update_session(self, record: SessionRecord, token: int = 0) -> None:
         """Replace an existing record (a missing one stays missing); Fenced when the session's fence > token."""
         ...

@@ -198,6 +198,15 @@ class PostgresSessionStore:
         more = len(rows) > limit
         return page, encode_cursor(page[-1].created_at, page[-1].id) if more and page else None
 
+    async def count_sessions(self, owner: str) -> int:
+        n = await _run(
+            self._bridge,
+            self._pool.fetchval,
+            "SELECT count(*) FROM sessions WHERE owner = $1 AND status <> 'ended'",
+            owner,
+        )
+        return int(n or 0)
+
     async def update_session(self, record: SessionRecord, token: int = 0) -> None:
         """Updates an existing row (a missing session stays missing, like the other backends); the fence check
         is part of the statement. Fenced when the row exists with a newer fence."""

@@ -326,6 +326,14 @@ class SqliteSessionStore:
             functools.partial(_list_sessions, owner=owner, limit=max(limit, 0), after=after)
         )
 
+    async def count_sessions(self, owner: str) -> int:
+        row = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM sessions WHERE owner=? AND status <> 'ended'", (owner,)
+            ).fetchone()
+        )
+        return int(row[0])
+
     async def update_session(self, record: SessionRecord, token: int = 0) -> None:
         await self._db.run(functools.partial(_update_session, record=record, token=token))
 

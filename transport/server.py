@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -69,6 +70,7 @@ class WsConfig:
     idle_timeout_s: float = 60.0
     send_queue_frames: int = 1024
     send_queue_bytes: int = 8 << 20
+    max_connections_per_user: int = 200  # on this pod
 
 
 class WebSocketServer:
@@ -84,6 +86,7 @@ class WebSocketServer:
         self.verifier = verifier
         self.on_user = on_user
         self.connections: set[Connection] = set()
+        self.per_user: Counter[str] = Counter()  # open connections by JWT subject (the per-user quota)
         self.port: int | None = None
         self._listener_scope = trio.CancelScope()
 
@@ -190,6 +193,20 @@ class WebSocketServer:
             await self._refuse(ws, subprotocol, codes.E_FORBIDDEN, "not your session", codes.FORBIDDEN)
             return
         structlog.contextvars.bind_contextvars(session=hello.session, device=hello.device)
+        limit = self.config.max_connections_per_user
+        if self.per_user[claims.sub] >= limit:
+            quota = f"quota: at most {limit} connections per user"
+            await self._refuse(ws, subprotocol, codes.RATE_LIMITED, quota, codes.TRY_AGAIN_LATER)
+            return
+        self.per_user[claims.sub] += 1
+        try:
+            await self._attached(ws, subprotocol, hello, claims)
+        finally:
+            self.per_user[claims.sub] -= 1
+            if not self.per_user[claims.sub]:
+                del self.per_user[claims.sub]
+
+    async def _attached(self, ws: WebSocketConnection, subprotocol: str, hello: Hello, claims: VerifiedToken) -> None:
         if self.on_user is not None:
             await self.on_user(claims.sub)
         cfg = self.config

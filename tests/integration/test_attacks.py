@@ -287,3 +287,59 @@ async def test_a_huge_frame_is_cut_with_1009_and_the_server_lives_on(server: Har
     async with raw_device(server, sid, "next") as d:
         await d.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/ok", "value": 1}]})
         assert (await d.recv_type("ack"))["version"] == 1
+
+
+# ---- quotas (issue 8) -----------------------------------------------------------------------------------------
+
+
+async def test_rest_is_rate_limited_per_user(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, rest_rate_limit="0.5/5")
+    async with h.rest("alice") as alice, h.rest("bob") as bob:
+        codes = [(await alice.get("/v1/sessions")).status_code for _ in range(7)]
+        assert codes[:5] == [200] * 5 and codes[5:] == [429, 429]
+        refused = await alice.get("/v1/sessions")
+        assert refused.json()["error"]["code"] == "rate_limited" and "retry in" in refused.json()["error"]["message"]
+        assert (await bob.get("/v1/sessions")).status_code == 200  # another user is not affected
+    h.running.stop()
+
+
+async def test_sessions_per_user_quota(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, max_sessions_per_user=2)
+    async with h.rest("alice") as alice:
+        ids = [(await alice.post("/v1/sessions", json={})).json()["id"] for _ in range(2)]
+        third = await alice.post("/v1/sessions", json={})
+        assert third.status_code == 403 and "quota" in third.json()["error"]["message"]
+        assert (await alice.delete(f"/v1/sessions/{ids[0]}")).status_code == 204
+        assert (await alice.post("/v1/sessions", json={})).status_code == 201  # an ended one no longer counts
+    assert (await h.create_session("bob")) is not None
+    h.running.stop()
+
+
+async def test_devices_per_session_quota(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, max_devices_per_session=2)
+    sid = await h.create_session()
+    async with raw_device(h, sid, "a"), raw_device(h, sid, "b") as b:
+        async with raw_device(h, sid, "c", expect_welcome=False) as c:
+            error = await c.recv_type("error")
+            assert error["code"] == "forbidden" and "devices" in error["message"]
+            assert await c.closed_code() == 4003
+        async with raw_device(h, sid, "b") as again:  # a known device reconnecting is not a new one
+            assert again.welcome is not None
+            assert await b.closed_code() == 4009
+    h.running.stop()
+
+
+async def test_connections_per_user_quota(tmp_path: Path, nursery: trio.Nursery) -> None:
+    h = await start_server(nursery, tmp_path, max_connections_per_user=2)
+    sid = await h.create_session()
+    other = await h.create_session("bob")
+    async with raw_device(h, sid, "a"), raw_device(h, sid, "b"):
+        async with raw_device(h, sid, "c", expect_welcome=False) as c:
+            error = await c.recv_type("error")
+            assert error["code"] == "rate_limited" and "connections" in error["message"]
+            assert await c.closed_code() == 1013
+        async with raw_device(h, other, "x", user="bob") as x:  # another user is not affected
+            assert x.welcome is not None
+    async with raw_device(h, sid, "c") as c:  # the quota counts open connections only
+        assert c.welcome is not None
+    h.running.stop()

@@ -80,6 +80,7 @@ class _ServerProcess:
             "SESSIOND_JWT_SECRET": SECRET,
             "SESSIOND_LOG_FORMAT": "json",
             "SESSIOND_RATE_LIMIT": "100000/100000",
+            "SESSIOND_REST_RATE_LIMIT": "100000/100000",
             **env,
         }
         self._log = data_dir / f"server-{self.http}.log" if capture else None

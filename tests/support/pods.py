@@ -82,6 +82,7 @@ class Pods:
             "SESSIOND_JWT_SECRET": SECRET,
             "SESSIOND_LOG_FORMAT": "json",
             "SESSIOND_RATE_LIMIT": "100000/100000",
+            "SESSIOND_REST_RATE_LIMIT": "100000/100000",
             "SESSIOND_POD_ID": name,
             "SESSIOND_LEASE_TTL_S": str(self.ttl_s),
             **self.env,
