@@ -15,6 +15,7 @@ import msgpack
 import orjson
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from client import Patch, SessionError, backoff_delay, open_session
@@ -172,7 +173,7 @@ async def test_join_refused_with_final_close_code_raises(
         async with connect(peer):
             pytest.fail("must not join")
     assert info.value.code == name
-    await trio.sleep(0.1)
+    await trio.sleep(0.1)  # an absence can only be watched for a while: longer than FAST's backoff
     assert peer.pending_connections() == 0  # no reconnect after a final code
 
 
@@ -263,7 +264,7 @@ async def test_error_frame_fails_the_matching_op_only(peer: Peer, nursery: trio.
             results["error"] = info.value
 
         async def fine() -> None:
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the conflicting op is out and waits for its answer
             results["version"] = await s.set("/b", 2)
 
         inner.start_soon(conflicting)
@@ -350,7 +351,7 @@ async def test_ack_ahead_of_patch_is_held_until_the_gap_fills(peer: Peer, nurser
         conn = await joined(peer, {"n": 0}, version=1)
         frame = await conn.recv()
         await conn.send({"t": "ack", "id": frame["id"], "version": 3})
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the client has taken the ack (and holds it)
         await conn.send({"t": "patch", "version": 2, "device": "d2", "ops": [{"op": "set", "path": "/m", "value": 1}]})
 
     nursery.start_soon(server)
@@ -449,7 +450,7 @@ async def test_op_made_while_disconnected_is_sent_after_rejoin(peer: Peer, nurse
         conn = await joined(peer, {}, version=1)
         await conn.close(4008, "slow_consumer")
         conn = await peer.accept()
-        await trio.sleep(0.1)  # the client's op waits for the welcome
+        await trio.testing.wait_all_tasks_blocked()  # the client's op is made and waits for the welcome
         await conn.welcome(1, {})
         frame = await conn.recv()
         await conn.send({"t": "ack", "id": frame["id"], "version": 2})
@@ -624,7 +625,9 @@ async def test_exit_closes_politely_and_body_errors_are_not_wrapped(peer: Peer, 
     with pytest.raises(KeyError):
         async with connect(peer):
             raise KeyError("boom")
-    await trio.sleep(0.1)
+    with trio.fail_after(5):
+        while not seen:
+            await trio.sleep(0.01)
     assert seen == [1000]
 
 

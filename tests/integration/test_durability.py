@@ -363,9 +363,12 @@ async def test_events_reach_rabbitmq_and_survive_its_outage(
     assert body["to"] == "a" and "at" in body
     assert all(mode == 2 for _, _, mode in got)  # persistent
     proxy.cut()
+    sink: Any = h.running.storage.events
     async with h.rest() as http:
         assert (await http.delete(f"/v1/sessions/{sid}")).status_code == 204  # session.ended, buffered
-    await trio.sleep(0.5)
+    with trio.fail_after(10):  # RabbitMQ is away and the event waits in the buffer
+        while sink.connected or sink.buffered < 1:
+            await trio.sleep(0.02)
     await proxy.start(nursery)
     got = await trio.to_thread.run_sync(_drain_queue, amqp_url, queue, 1, 20)
     assert [k for k, _, _ in got] == ["session.ended"]
