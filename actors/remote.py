@@ -180,7 +180,6 @@ class Relay:
         # predecessor's numbers while other pods may still hold links to them.
         self._conn = itertools.count(random.getrandbits(40))
         self._tasks: trio.Nursery | None = None
-        self.ready = trio.Event()
         self.sent = 0
         self.received = 0
         self.gaps = 0
@@ -192,7 +191,6 @@ class Relay:
             self._tasks = nursery
             nursery.start_soon(self._flusher)
             await nursery.start(self._subscriber)
-            self.ready.set()
             task_status.started()
 
     async def _subscriber(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

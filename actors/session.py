@@ -165,13 +165,6 @@ class SessionState:
     epoch: str = "0"
     journal_gap: tuple[int, int] | None = None  # set by restore when the journal skipped versions
 
-    def __post_init__(self) -> None:
-        if self.replay:  # built with patches (tests): their sizes, and the bounds, apply from here on
-            patches = list(self.replay)
-            self.replay = deque()
-            for patch in patches:
-                self._keep_for_replay(patch, len(orjson.dumps(patch["ops"])))
-
     # ---- construction and snapshots ----------------------------------------------------------
 
     @classmethod

@@ -28,6 +28,7 @@ import trio
 
 from bench.proc import pin
 from bench.server import (
+    BENCH_SERVER_ENV,
     REDIS_URL,
     START_TIMEOUT_S,
     ServerError,
@@ -259,13 +260,7 @@ async def running_cluster(count: int, workdir: Path, *, database_url: str, prefi
         "PYTHONUNBUFFERED": "1",
         "SESSIOND_HOST": "127.0.0.1",
         "SESSIOND_JWT_SECRET": secret,
-        "SESSIOND_RATE_LIMIT": "1000000/1000000",  # the bench measures cost, not the rate limiter
-        # ... nor the quotas: one bench user opens thousands of sessions and connections.
-        "SESSIOND_REST_RATE_LIMIT": "1000000/1000000",
-        "SESSIOND_MAX_SESSIONS_PER_USER": "1000000",
-        "SESSIOND_MAX_CONNECTIONS_PER_USER": "1000000",
-        "SESSIOND_LOG_FORMAT": "json",
-        "SESSIOND_LOG_LEVEL": "warning",
+        **BENCH_SERVER_ENV,
         "SESSIOND_REDIS_URL": REDIS_URL,
         "SESSIOND_REDIS_PREFIX": prefix,
         "SESSIOND_DATABASE_URL": database_url,

@@ -186,6 +186,18 @@ async def _wait_ready(proc: trio.Process, port: int, health_url: str | None, log
         raise ServerError(f"server not ready on port {port} after {START_TIMEOUT_S:.0f} s (log: {log})")
 
 
+# What every sessiond the bench starts gets: the bench measures cost, not the rate limiters or the quotas (one bench
+# user opens thousands of sessions and connections), and it reads JSON logs.
+BENCH_SERVER_ENV = {
+    "SESSIOND_RATE_LIMIT": "1000000/1000000",
+    "SESSIOND_REST_RATE_LIMIT": "1000000/1000000",
+    "SESSIOND_MAX_SESSIONS_PER_USER": "1000000",
+    "SESSIOND_MAX_CONNECTIONS_PER_USER": "1000000",
+    "SESSIOND_LOG_FORMAT": "json",
+    "SESSIOND_LOG_LEVEL": "warning",
+}
+
+
 async def stop_process(proc: trio.Process, grace_s: float = 15.0) -> None:
     """SIGTERM (a sessiond drains), then SIGKILL after `grace_s`; returns once the process is gone."""
     if proc.poll() is not None:
@@ -268,13 +280,7 @@ async def running_target(
         "SESSIOND_WS_PORT": str(ws_port),
         "SESSIOND_DATA_DIR": str(workdir / "sessiond-data"),
         "SESSIOND_JWT_SECRET": secret,
-        "SESSIOND_RATE_LIMIT": "1000000/1000000",  # the bench measures cost, not the rate limiter
-        # ... nor the quotas: one bench user opens thousands of sessions and connections.
-        "SESSIOND_REST_RATE_LIMIT": "1000000/1000000",
-        "SESSIOND_MAX_SESSIONS_PER_USER": "1000000",
-        "SESSIOND_MAX_CONNECTIONS_PER_USER": "1000000",
-        "SESSIOND_LOG_FORMAT": "json",
-        "SESSIOND_LOG_LEVEL": "warning",
+        **BENCH_SERVER_ENV,
     })
     if redis:
         env["SESSIOND_REDIS_URL"] = REDIS_URL

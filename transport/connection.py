@@ -71,10 +71,6 @@ class Connection:
     def link_id(self) -> str:
         return self._link_id
 
-    @property
-    def resyncing(self) -> bool:
-        return self.queue.resyncing
-
     def deliver(self, out: Outgoing) -> None:
         if self.close_request is not None:
             return  # closing: frames are dropped, the device resumes elsewhere
