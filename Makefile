@@ -13,7 +13,7 @@ HANG_DUMP ?= 300
 PYTEST_ARGS ?=
 TYPED := protocol actors transport storage api client
 
-.PHONY: all venv run test services lint bench clean distclean
+.PHONY: all venv run test services tools lint bench clean distclean
 
 all: test
 
@@ -30,12 +30,16 @@ run: venv
 services:
 	scripts/services.sh ensure
 
+tools:
+	scripts/tools.sh ensure
+
 # Lint first, but run the tests even when lint fails (one CI run reports both); fail if either failed.
 test: venv
 	@lint=0; \
 	echo "+ ruff check ."; $(BIN)/ruff check . || lint=1; \
 	echo "+ mypy $(TYPED)"; $(BIN)/mypy $(TYPED) || lint=1; \
 	echo "+ scripts/services.sh ensure"; scripts/services.sh ensure || exit 1; \
+	echo "+ scripts/tools.sh ensure"; scripts/tools.sh ensure || exit 1; \
 	echo "+ pytest -q $(PYTEST_ARGS)"; \
 	timeout -s INT -k 30 $(TEST_TIMEOUT) $(BIN)/pytest -q -o faulthandler_timeout=$(HANG_DUMP) $(PYTEST_ARGS) \
 		|| exit $$?; \

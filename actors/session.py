@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from actors.ops import InvalidOp, TooLarge, apply_ops
 from protocol import codes
+from protocol.ops import InvalidOp, TooLarge, apply_ops
 from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any

@@ -35,7 +35,6 @@ from actors.messages import (
     RestHandoff,
     SessionNotFound,
 )
-from actors.ops import MAX_STATE_DEPTH, nesting_ok
 from actors.registry import Registry
 from actors.router import Router
 from actors.session import Accepted, Rejected, rest_key
@@ -44,6 +43,7 @@ from api.auth import Authenticator, AuthError, Claims
 from api.quotas import UserRateLimiter
 from api.settings import Settings
 from protocol import codes
+from protocol.ops import MAX_STATE_DEPTH, nesting_ok
 from storage.ports import SessionRecord, Storage, StorageUnavailable
 
 DEVICE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import trio
 
-from actors.ops import InvalidOp, apply_ops
 from client.wire import JSON, Patch, SessionError
+from protocol.ops import InvalidOp, apply_ops
 
 Frame = dict[str, JSON]
 MAX_HELD = 1024

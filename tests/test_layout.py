@@ -22,13 +22,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "actors": ("transport", "api", "client"),
     "storage": ("actors", "transport", "api", "client"),
     "transport": ("api",),
-    "client": ("api", "transport.server", "storage"),
+    # The Python SDK ships alone as `sessiond-client` (clients/python): it may import only `protocol` and itself.
+    "client": ("api", "transport", "storage", "actors", "bench"),
 }
 # Transport and api reach actors only through the router and the messages/references it deals in (DESIGN §1, §6):
 # package -> the only modules of `actors` it may import.
 ACTORS_VIA: dict[str, tuple[str, ...]] = {
     "transport": ("actors.messages", "actors.router"),
-    "api": ("actors.messages", "actors.router", "actors.registry", "actors.session", "actors.ops", "actors.config",
+    "api": ("actors.messages", "actors.router", "actors.registry", "actors.session", "actors.config",
             "actors.leases"),
 }
 ENV_READER = "api/settings.py"
@@ -186,8 +187,8 @@ def test_env_reads_finds_every_spelling() -> None:
     assert env_reads(source) == [3, 4, 5, 6]
 
 
-def test_transport_server_rule_allows_frames() -> None:
-    assert not any(matches("transport.frames", p) for p in FORBIDDEN["client"])
+def test_client_rule_allows_protocol() -> None:
+    assert not any(matches("protocol.frames", p) for p in FORBIDDEN["client"])
     assert matches("transport.server", "transport.server")
     assert matches("transport.server.conn", "transport.server")
 
@@ -197,8 +198,8 @@ def test_checkers_find_violations_in_a_tree(tmp_path: Path) -> None:
         "actors/__init__.py": "",
         "actors/session.py": "from transport.server import serve\nfrom storage.ports import Storage\n",
         "storage/__init__.py": "from ..actors import registry\n",
-        "transport/codec.py": "import os\nX = os.getenv('A')\n",
-        "client/sdk.py": "from transport.frames import Hello\nfrom transport import server\n",
+        "transport/server.py": "import os\nX = os.getenv('A')\n",
+        "client/sdk.py": "from protocol.frames import Hello\nfrom transport import server\n",
         "api/settings.py": "import os\nE = os.environ\n",
         "api/app.py": "from actors import session\nfrom transport import server\n",
         "bench/run.py": "import os\nfrom api import app\nE = dict(os.environ)\n",
@@ -208,7 +209,7 @@ def test_checkers_find_violations_in_a_tree(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     assert sorted(layering_violations(tmp_path)) == [
         "actors/session.py imports transport.server (forbidden: transport)",
-        "client/sdk.py imports transport.server (forbidden: transport.server)",
+        "client/sdk.py imports transport (forbidden: transport)",
         "storage/__init__.py imports actors (forbidden: actors)",
     ]
-    assert env_violations(tmp_path) == ["transport/codec.py:2"]
+    assert env_violations(tmp_path) == ["transport/server.py:2"]

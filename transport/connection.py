@@ -16,8 +16,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import Outgoing
-from protocol import codes
-from transport import codec, metrics
+from protocol import codec, codes
+from transport import metrics
 from transport.sendqueue import Push, SendQueue
 
 MAX_BATCH_FRAMES = 256

@@ -29,10 +29,10 @@ from actors.messages import (
     SessionNotFound,
 )
 from actors.router import Router
-from protocol import codes
-from transport import codec, metrics
+from protocol import codec, codes
+from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
+from transport import metrics
 from transport.connection import Connection
-from transport.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
 from transport.ratelimit import TokenBucket
 
 log = structlog.get_logger("sessiond.ws")

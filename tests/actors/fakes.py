@@ -17,8 +17,8 @@ import orjson
 from actors.config import ActorConfig
 from actors.leases import LeaseKeeper
 from actors.messages import Outgoing, Resync
-from actors.ops import apply_ops
 from actors.registry import Registry
+from protocol.ops import apply_ops
 from storage.memory import MemoryJournal, MemoryLeases
 from storage.ports import Change, Storage
 from transport.sendqueue import Push, SendQueue

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.delivery import recipients
-from actors.ops import apply_ops
 from actors.session import REST_DEVICE, Broadcast, Checkpoint, Effect, Journal, Publish, Send, SessionState
+from protocol.ops import apply_ops
 from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from actors.ops import InvalidOp, apply_ops
 from actors.session import (
     REST_DEVICE,
     Accepted,
@@ -27,6 +26,7 @@ from actors.session import (
     Send,
     SessionState,
 )
+from protocol.ops import InvalidOp, apply_ops
 from storage.ports import Change, SessionRecord, Snapshot
 from tests.actors.fakes import Replica
 

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from actors.ops import InvalidOp, TooLarge, apply_ops, parse_pointer
+from protocol.ops import InvalidOp, TooLarge, apply_ops, parse_pointer
 
 JSON = Any
 

@@ -17,7 +17,7 @@ import msgpack
 import orjson
 
 from protocol import codes
-from transport.frames import DEVICE_KINDS, Auth, Claim, ClientFrame, Hello, Op, Pause, ProtocolError
+from protocol.frames import DEVICE_KINDS, Auth, Claim, ClientFrame, Hello, Op, Pause, ProtocolError
 
 JSON = Any
 

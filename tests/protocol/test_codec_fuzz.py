@@ -10,8 +10,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transport.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, SUBPROTOCOLS, Encoded, decode
-from transport.frames import DEVICE_KINDS, Auth, Claim, Hello, Op, Pause, ProtocolError
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, SUBPROTOCOLS, Encoded, decode
+from protocol.frames import DEVICE_KINDS, Auth, Claim, Hello, Op, Pause, ProtocolError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,8 +8,8 @@ import msgpack
 import orjson
 import pytest
 
-from transport import codec
-from transport.codec import (
+from protocol import codec
+from protocol.codec import (
     JSON_SUBPROTOCOL,
     MSGPACK_SUBPROTOCOL,
     SUBPROTOCOLS,
@@ -20,7 +20,7 @@ from transport.codec import (
     error_frame,
     join_batch,
 )
-from transport.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
+from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
 
 BOTH = pytest.mark.parametrize("sp", SUBPROTOCOLS)
 
