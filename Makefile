@@ -13,7 +13,7 @@ HANG_DUMP ?= 300
 PYTEST_ARGS ?=
 TYPED := protocol actors transport storage api client
 
-.PHONY: all venv run test services tools lint bench clean distclean
+.PHONY: all venv run web test services tools lint bench clean distclean
 
 all: test
 
@@ -24,8 +24,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev,bench]'
 	touch $(STAMP)
 
-run: venv
-	$(BIN)/sessiond serve
+# The web app at http://127.0.0.1:8080/app/ (built when Node 20+ is installed) with dev login on, unless a JWT key is
+# configured (dev login refuses to run with a real key) or SESSIOND_DEV_LOGIN says otherwise.
+run: venv web
+	@if [ -z "$$SESSIOND_JWT_SECRET$$SESSIOND_JWT_SECRET_FILE$$SESSIOND_JWT_PUBLIC_KEY_FILE" ]; then \
+		export SESSIOND_DEV_LOGIN=$${SESSIOND_DEV_LOGIN-1}; \
+	else echo "sessiond: a JWT key is configured, so no dev login: sign in with a token (sessiond token --user U)"; fi; \
+	echo "sessiond: open http://127.0.0.1:$${SESSIOND_HTTP_PORT:-8080}/app/"; \
+	exec $(BIN)/sessiond serve
+
+# Build sdk-ts then web/ into web/dist (npm ci only when node_modules is older than the lockfile). Without Node 20+
+# it says so and does nothing: the server runs without the app (/app/ answers 404 saying how to build it).
+web:
+	@if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(parseInt(process.versions.node) < 20 ? 1 : 0)' \
+		2>/dev/null; then echo "make: Node 20+ with npm not found: the web app (/app/) was not built" >&2; exit 0; fi; \
+	for pkg in sdk-ts web; do \
+		[ $$pkg/node_modules/.package-lock.json -nt $$pkg/package-lock.json ] \
+			|| (cd $$pkg && npm ci --no-audit --no-fund) || exit 1; \
+		(cd $$pkg && npm run build) || exit 1; \
+	done
 
 services:
 	scripts/services.sh ensure

@@ -40,13 +40,18 @@ class NotOwner(ActorUnavailable):
 
 
 class Outgoing:
-    """One server→client frame shared by every device it goes to; transport fills `encoded` once per format."""
+    """One server→client frame shared by every device it goes to; transport fills `encoded` once per format.
 
-    __slots__ = ("encoded", "frame")
+    `born`: wall clock of the turn that accepted the change it announces (the relay publish for a frame from
+    another pod), for the delivery latency metric; 0.0 when not measured.
+    """
 
-    def __init__(self, frame: dict[str, JSON]) -> None:
+    __slots__ = ("born", "encoded", "frame")
+
+    def __init__(self, frame: dict[str, JSON], born: float = 0.0) -> None:
         self.frame = frame
         self.encoded: dict[str, str | bytes] = {}
+        self.born = born
 
 
 class DeviceLink(Protocol):
@@ -62,6 +67,12 @@ class DeviceLink(Protocol):
     @property
     def link_id(self) -> str:
         """Serialisable and unique in the cluster: `pod/connection`."""
+        ...
+
+    @property
+    def queued_bytes(self) -> int:
+        """Encoded bytes waiting in this pod's memory for the device (its send queue; 0 when the queue is on
+        another pod). Read by the memory budget, not per frame: it must be cheap."""
         ...
 
     def deliver(self, out: Outgoing) -> None:

@@ -49,13 +49,22 @@ class Registry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hosts every actor task; returns once `shutdown()` has stopped them all."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                await trio.sleep(BUDGET_CHECK_S)
-                self.enforce_memory_budget()
-                self.forget_failures()
+        metrics.HOT_ACTORS.attach(self, self.config.hot_actors, self.hot_rows)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await trio.sleep(BUDGET_CHECK_S)
+                    self.enforce_memory_budget()
+                    self.forget_failures()
+        finally:
+            metrics.HOT_ACTORS.detach(self)
+
+    def hot_rows(self) -> list[metrics.HotRow]:
+        """Every live actor's figures for the hot-actor metrics (read on the trio thread, ranked by the scrape)."""
+        now = time.monotonic()
+        return [actor.hot_row(now) for actor in list(self._actors.values()) if actor.state is not None]
 
     def forget_failures(self) -> None:
         """Drop failed-session marks whose cooldown is over, and keep at most MAX_FAILED of them (§5.5)."""
@@ -65,12 +74,16 @@ class Registry:
             self._failed.pop(next(iter(self._failed)))
 
     def enforce_memory_budget(self) -> int:
-        """Passivate idle actors, least recently used first, while live state exceeds the budget.
+        """Passivate idle actors, least recently used first, while what live actors hold exceeds the budget.
 
+        Each actor counts its state and replay window, the send queues of its devices on this pod and its entries
+        in an in-process journal (the embedded store's; a Redis or PostgreSQL journal is not our memory).
         Returns how many were asked to leave; each checkpoints before it stops (DESIGN §5.5).
         """
         live = [a for a in self._actors.values() if a.state is not None]
-        total = sum(a.state.approx_bytes + a.state.replay_bytes for a in live if a.state is not None)
+        journal_bytes: Callable[[str], int] | None = getattr(self.storage.journal, "session_bytes", None)
+        held = {a: a.budget_bytes + (journal_bytes(a.id) if journal_bytes else 0) for a in live}
+        total = sum(held.values())
         metrics.ACTOR_STATE_BYTES.set(total)
         asked = 0
         if total <= self.config.memory_budget_bytes:
@@ -82,8 +95,7 @@ class Registry:
                 actor.tell(Passivate())
             except (Overloaded, ActorUnavailable):
                 continue
-            assert actor.state is not None
-            total -= actor.state.approx_bytes + actor.state.replay_bytes
+            total -= held[actor]
             asked += 1
         return asked
 

@@ -85,6 +85,10 @@ class RemoteLink:
     def link_id(self) -> str:
         return f"{self.pod}/{self.conn}"
 
+    @property
+    def queued_bytes(self) -> int:
+        return 0  # the device's send queue is in its own pod's memory (which has no actor to count it against)
+
     def deliver(self, out: Outgoing) -> None:
         if not self.closed:
             self.seq_out += 1
@@ -313,14 +317,14 @@ class Relay:
         metrics.RELAY_LATENCY.observe(max(0.0, time.time() - sent_at))
         for item in items:
             try:
-                self._handle(pod, item)
+                self._handle(pod, item, sent_at)
             except (IndexError, TypeError, ValueError, KeyError) as exc:
                 log.warning("relay item dropped", kind=item[0], error=str(exc))
 
-    def _handle(self, pod: str, item: relay.Item) -> None:
+    def _handle(self, pod: str, item: relay.Item, sent_at: float = 0.0) -> None:
         kind = item[0]
         if kind == "f":
-            self._on_frame(pod, item[1], item[2])
+            self._on_frame(pod, item[1], item[2], sent_at)
         elif kind == "m":
             self._on_device_message(pod, item[1], item[2], item[3], item[4])
         elif kind == "r":
@@ -335,8 +339,8 @@ class Relay:
         elif kind == "q":
             self._spawn(self._on_ask, pod, item)
 
-    def _on_frame(self, pod: str, frame: dict[str, Any], targets: list[int]) -> None:
-        out = Outgoing(frame)
+    def _on_frame(self, pod: str, frame: dict[str, Any], targets: list[int], sent_at: float = 0.0) -> None:
+        out = Outgoing(frame, sent_at)  # delivery latency of a relayed patch counts from the owner's publish
         for i in range(0, len(targets) - 1, 2):
             conn, seq = targets[i], targets[i + 1]
             edge = self._edges.get(conn)

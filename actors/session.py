@@ -363,7 +363,7 @@ class SessionState:
             self._remember(device, op_id, self.version)
         patch = self._patch(device, ops)
         self._keep_for_replay(patch, size_hint)
-        self.effects.append(Journal(Change(self.version, device, op_id, ops)))
+        self.effects.append(Journal(Change(self.version, device, op_id, ops, size_hint)))  # size: memory journal
         if op_id is not None:
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         self.effects.append(Broadcast(patch, exclude=device))

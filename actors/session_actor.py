@@ -9,6 +9,7 @@ or patch of the turn leaves. Around it: `supervisor.py` (lease, load, restarts),
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -66,6 +67,8 @@ __all__ = ["ActorConfig", "SessionActor", "SessionNotFound", "now_iso"]
 
 TURN_MAX = 256
 TICK_RETRY_S = 0.1
+RATE_TAU_S = 5.0  # time constant of the changes/s average (admin view, hot-actor metrics)
+RATE_MIN_DT_S = 0.05  # reads closer together than this reuse the last average
 
 log = structlog.get_logger("sessiond.actor")
 
@@ -115,6 +118,11 @@ class SessionActor:
         self.stopping = False  # retired: takes no new messages (the registry activates a successor)
         self.lost = False  # the lease is gone: nothing more may be written
         self.handled = 0
+        self.changes = 0  # accepted changes: a plain int on the hot path, averaged when read (change_rate)
+        self._rate = 0.0
+        self._rate_at = time.monotonic()
+        self._rate_count = 0
+        self._rate_known = False
         self.started_at = time.time()
         self._last_activity = trio.current_time()
         self._timer_wake = trio.Event()
@@ -161,10 +169,47 @@ class SessionActor:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self._send.send_nowait(LeaseLost())
 
+    def change_rate(self, now: float | None = None) -> float:
+        """Changes per second, an exponentially weighted average (time constant RATE_TAU_S) brought up to date
+        whenever someone reads it (scrape, admin view): the hot path only bumps `changes`. Exact for a steady
+        rate whatever the reading pattern, so several readers (Prometheus, `sessiond top`) do not disturb it."""
+        now = time.monotonic() if now is None else now
+        dt = now - self._rate_at
+        if dt >= RATE_MIN_DT_S:
+            recent = (self.changes - self._rate_count) / dt
+            if self._rate_known:
+                weight = math.exp(-dt / RATE_TAU_S)
+                self._rate = weight * self._rate + (1.0 - weight) * recent
+            else:  # the first reading: the average since activation
+                self._rate = recent
+                self._rate_known = True
+            self._rate_at = now
+            self._rate_count = self.changes
+        return self._rate
+
+    @property
+    def state_bytes(self) -> int:
+        """Estimated memory of the live state (state + replay window)."""
+        state = self.state
+        return state.approx_bytes + state.replay_bytes if state is not None else 0
+
+    @property
+    def budget_bytes(self) -> int:
+        """What the memory budget counts for this actor: its state and replay window, and the frames queued for
+        its devices on this pod (read once per budget check, not per frame)."""
+        return self.state_bytes + sum(link.queued_bytes for link in self.links.values())
+
+    def hot_row(self, now: float) -> metrics.HotRow:
+        return metrics.HotRow(
+            self.id, self.change_rate(now), len(self.links), self._recv.statistics().current_buffer_used,
+            self.state_bytes,
+        )
+
     def statistics(self) -> dict[str, Any]:
         state = self.state
         return {
             "session": self.id,
+            "owner": state.owner if state else None,
             "devices": sorted(self.links),
             "remote_devices": sum(1 for link in self.links.values() if getattr(link, "remote", False)),
             "active": state.active if state else None,
@@ -173,6 +218,9 @@ class SessionActor:
             "mailbox_depth": self._recv.statistics().current_buffer_used,
             "messages_handled": self.handled,
             "messages_per_s": round(self.handled / max(time.time() - self.started_at, 1e-3), 2),
+            "changes": self.changes,
+            "changes_per_s": round(self.change_rate(), 2),
+            "state_bytes": self.state_bytes,
             "last_checkpoint_at": self.checkpoints.last_checkpoint_at,
             "failed": self.failed,
         }
@@ -353,7 +401,7 @@ class SessionActor:
         except (StorageError, trio.TooSlowError) as exc:
             self._refuse_unpersisted(batch)
             raise Unpersisted(str(exc)) from exc
-        stop = self._dispatch(effects)
+        stop = self._dispatch(effects, wall)
         for reply, value in replies:
             reply.set(value)
         self._inflight.clear()
@@ -432,6 +480,7 @@ class SessionActor:
             hot = metrics.HOT
             hot.changes += len(changes)
             hot.turns += 1
+            self.changes += len(changes)
         state = self.state
         assert state is not None
         for effect in syncs:
@@ -443,13 +492,14 @@ class SessionActor:
             await self._end_storage()
         return ending
 
-    def _dispatch(self, effects: list[Effect]) -> bool:
-        """Perform the turn's effects in order; `delivery.recipients` says which device gets which frame."""
+    def _dispatch(self, effects: list[Effect], born: float = 0.0) -> bool:
+        """Perform the turn's effects in order; `delivery.recipients` says which device gets which frame.
+        `born`: when the turn accepted its changes (wall clock), for the delivery latency metric."""
         links = self.links
         stop = False
         for effect, devices in recipients(effects, links, self._joined_this_turn):
             if devices:
-                out = Outgoing(effect.frame)  # type: ignore[union-attr]  # Send / Broadcast: the ones with devices
+                out = Outgoing(effect.frame, born)  # type: ignore[union-attr]  # Send / Broadcast: those with devices
                 for device in devices:
                     links[device].deliver(out)
             elif isinstance(effect, Close):

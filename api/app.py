@@ -7,6 +7,7 @@ request to the session's actor through the registry, exactly like a WebSocket fr
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -40,8 +41,10 @@ from actors.router import Router
 from actors.session import Accepted, Rejected, rest_key
 from api import metrics
 from api.auth import Authenticator, AuthError, Claims
+from api.devlogin import register_dev_login
 from api.quotas import UserRateLimiter
 from api.settings import Settings
+from api.web import register_web
 from protocol import codes
 from protocol.ops import MAX_STATE_DEPTH, nesting_ok
 from storage.ports import SessionRecord, Storage, StorageUnavailable
@@ -285,6 +288,13 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
         body = {"error": {"code": codes.BAD_FRAME, "message": "method not allowed"}}
         return _json(body, 405)
 
+    @app.after_request
+    async def count_request(response: Response) -> Response:
+        # API calls only: scrapes and probes would dilute the error ratio. Runs for error-handler answers too.
+        if request.path.startswith("/v1/"):
+            metrics.REST_REQUESTS.labels(f"{response.status_code // 100}xx").inc()
+        return response
+
     @app.post("/v1/sessions")
     @authenticated()
     @validate_request(CreateSession)
@@ -403,6 +413,10 @@ def create_app(settings: Settings, router: Router, auth: Authenticator, storage:
         data = await trio.to_thread.run_sync(generate_latest)
         return Response(data, content_type=CONTENT_TYPE_LATEST)
 
+    register_dev_login(app, settings, auth)
+    # The bound WebSocket port: api/server.py stores it once the listener is up (settings may say 0).
+    register_web(app, settings, lambda: int(app.config.get("SESSIOND_WS_PORT") or settings.ws_port))
+    app.asgi_app = ReadBodyFirst(app.asgi_app, app.config["MAX_CONTENT_LENGTH"])  # type: ignore[method-assign]
     return app
 
 
@@ -411,3 +425,48 @@ def _result(result: Accepted | Rejected, ok: Callable[[Accepted], dict[str, Any]
         extra = {"version": result.version} if result.version is not None else {}
         raise ApiError(result.code, result.message, **extra)
     return _json(ok(result))
+
+
+class ReadBodyFirst:
+    """ASGI wrapper: read the whole request body before the app runs, then hand the app the same messages.
+
+    Quart answers many requests before reading their body (authentication runs first; a wrong method, an error
+    or a GET never reads it). hypercorn then sometimes cannot finish the HTTP/1.1 request, and the keep-alive
+    connection stays stuck: the client's next request on it got no answer at all, about 2 times in 3 (found by
+    schemathesis; draining the body after the answer does not help, reading it first does). Bodies are at most
+    `max_body` bytes (MAX_CONTENT_LENGTH, about the state budget): a longer one gets 413 here, and the connection
+    is closed; a client that stops sending mid-body is cut by hypercorn's read timeout.
+    """
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        early: deque[Any] = deque()
+        size = 0
+        while True:
+            message = await receive()
+            early.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                await _send_too_large(send)
+                return
+
+        async def replay() -> Any:
+            return early.popleft() if early else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_too_large(send: Any) -> None:
+    body = orjson.dumps({"error": {"code": codes.TOO_LARGE, "message": "request body too large"}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,4 +1,4 @@
-"""`sessiond serve | token | migrate | --version` (DESIGN §9). Flags mirror the SESSIOND_* variables."""
+"""`sessiond serve | token | migrate | top | --version` (DESIGN §9). Flags mirror the SESSIOND_* variables."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ _SERVE_FLAGS: list[tuple[str, type, str]] = [
     ("log-level", str, "debug, info, warning, error"),
     ("jwt-audience", str, "expected JWT aud"),
     ("jwt-issuer", str, "expected JWT iss"),
+    ("tls-cert-file", str, "PEM certificate (chain): serve wss:// and HTTPS, TLS 1.3 only; with --tls-key-file"),
+    ("tls-key-file", str, "PEM private key of --tls-cert-file"),
+    ("web-dir", str, "the built web app (web/dist) served at /app/; empty: none"),
 ]
 
 
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--data-dir", default=None, help="embedded store directory (dev-mode key lives there)")
     commands.add_parser("migrate", help="apply the PostgreSQL migrations (SESSIOND_DATABASE_URL)")
+    from api import top  # `sessiond top`: a client of a running pod, no server settings needed
+
+    top.add_command(commands)
     return parser
 
 
@@ -74,6 +80,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "top":
+        from api import top
+
+        return top.main(args)
     try:
         overrides = _overrides(args)
         if "data_dir" in overrides:

@@ -19,7 +19,6 @@ from functools import partial
 
 import structlog
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from actors.config import ActorConfig
@@ -29,6 +28,7 @@ from actors.router import Router
 from api.app import create_app
 from api.auth import Authenticator
 from api.settings import Settings
+from api.tls import REST_ALPN, WS_ALPN, TlsHypercornConfig, server_ssl_context
 from protocol import codes
 from storage.ports import Storage, StorageUnavailable
 from transport.server import WebSocketServer, WsConfig
@@ -52,6 +52,7 @@ def actor_config(settings: Settings) -> ActorConfig:
         max_restarts=settings.max_restarts,
         restart_window_s=settings.restart_window_s,
         max_devices=settings.max_devices_per_session,
+        hot_actors=settings.hot_actors,
     )
 
 
@@ -140,6 +141,9 @@ async def serve(
     test process that starts many servers.
     """
     structlog.contextvars.bind_contextvars(pod=settings.pod_id)
+    # Loaded before anything opens: a bad certificate or key stops the start with a SettingsError naming it.
+    rest_tls = server_ssl_context(settings, REST_ALPN)
+    ws_tls = server_ssl_context(settings, WS_ALPN)
     async with open_storage(settings) as storage:
         assert storage.leases is not None
         leases = LeaseKeeper(storage.leases, storage.sessions, settings.pod_id, settings.lease_ttl_s)
@@ -148,9 +152,12 @@ async def serve(
             settings.pod_id, registry, storage, leases, ttl_s=settings.lease_ttl_s,
             ask_timeout_s=settings.request_timeout_s,
         )
-        ws = WebSocketServer(ws_config(settings), router, authenticator, on_user=_SeenUsers(storage))
+        ws = WebSocketServer(
+            ws_config(settings), router, authenticator, on_user=_SeenUsers(storage), ssl_context=ws_tls
+        )
         app = create_app(settings, router, authenticator, storage)
-        hconfig = HypercornConfig()
+        hconfig = TlsHypercornConfig(settings, rest_tls)  # HTTPS (TLS 1.3 only) when rest_tls is set
+        hconfig.ssl_handshake_timeout = settings.hello_timeout_s  # a silent TLS client is cut like a silent hello
         hconfig.bind = [f"{settings.host}:{settings.http_port}"]
         hconfig.graceful_timeout = 2
         hconfig.read_timeout = settings.http_read_timeout_s  # type: ignore[assignment]  # a float works (trio)
@@ -163,6 +170,7 @@ async def serve(
             await root.start(registry.run)
             await root.start(router.run)  # joins the cluster; refuses (ClusterConflict) to share an embedded store
             ws_port = await root.start(ws.run)
+            app.config["SESSIOND_WS_PORT"] = ws_port  # /app/config.json tells the web app where the WebSocket is
             binds = await root.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
             http_port = int(binds[0].rsplit(":", 1)[1])
             running = RunningServer(http_port, ws_port, registry, storage, router)
@@ -170,7 +178,10 @@ async def serve(
                 root.start_soon(_watch_signals, running.stop_event)
             if tune_gc:
                 _tune_gc()
-            log.info("sessiond listening", http_port=http_port, ws_port=ws_port, data_dir=str(settings.data_dir))
+            log.info(
+                "sessiond listening", http_port=http_port, ws_port=ws_port, data_dir=str(settings.data_dir),
+                tls=rest_tls is not None,
+            )
             task_status.started(running)
             await running.stop_event.wait()
             log.info("shutting down: handing sessions over")

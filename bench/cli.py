@@ -21,7 +21,7 @@ from typing import Any
 import trio
 from tqdm import tqdm
 
-from bench import cluster, report
+from bench import cluster, report, soak
 from bench.proc import cores, pin, plan_pinning, raise_fd_limit
 from bench.scenarios import SCENARIOS, Options, align_saturation
 from bench.server import ServerError, Target, running_target, url_target
@@ -29,11 +29,18 @@ from bench.server import ServerError, Target, running_target, url_target
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 CLUSTER = "cluster"
 CLUSTER_RATE = 2.0  # the cluster scenario's default R (ops/s per device)
+SOAK = "soak"
+# The soak's defaults: 30 min, 5 min of warm-up before the RSS slope is fitted, 40 sessions x 2 devices at 2 ops/s.
+SOAK_DEFAULTS = {"duration": 1800.0, "warmup": 300.0, "sessions": 40, "rate": 2.0}
+SOAK_QUICK = {"duration": 20.0, "warmup": 5.0, "sessions": 5, "rate": 2.0}
+# The soak's hostile clients include a frame flood: the per-connection rate limit stays at its default there.
+SOAK_ENV = {"SESSIOND_RATE_LIMIT": "50/100"}
+ALL_SCENARIOS: dict[str, Any] = {**SCENARIOS, SOAK: soak.soak}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="sessiond load benchmarks (issue 4).")
-    p.add_argument("scenario", choices=sorted([*SCENARIOS, CLUSTER]))
+    p.add_argument("scenario", choices=sorted([*ALL_SCENARIOS, CLUSTER]))
     p.add_argument("--target", choices=["sessiond", "baseline", "both"], default="both")
     p.add_argument("--sessions", type=int, help="sessions (default 100; capacity: derived from --count)")
     p.add_argument("--devices", type=int, help="devices per session (default 3; handoff always uses 2)")
@@ -81,6 +88,8 @@ def options(args: argparse.Namespace) -> Options:
         # A lighter default R: at 10 one pod already fills its core here, and three pods sharing it saturate
         # long before that (the relay costs CPU per message), so latency would be all queueing.
         base = replace(base, rate=CLUSTER_RATE)
+    if args.scenario == SOAK:
+        base = replace(base, **(SOAK_QUICK if args.quick else SOAK_DEFAULTS))
     return replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -97,7 +106,7 @@ def _progress(bar: tqdm) -> Any:
 async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: Path,
                   server_cpus: set[int] | None) -> dict[str, Any]:
     """Run the scenario against one target; a target that cannot start is reported, not raised."""
-    scenario = SCENARIOS[args.scenario]
+    scenario = ALL_SCENARIOS[args.scenario]
     with tqdm(desc=f"{args.scenario} · {name}", total=1, disable=True if args.no_progress else None,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total}{postfix}", leave=False) as bar:
         if args.url:
@@ -105,6 +114,8 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
             return await scenario(target, opts, _progress(bar))
         try:
             extra = {"SESSIOND_DURABILITY": args.durability} if args.durability else {}
+            if args.scenario == SOAK:
+                extra.update(SOAK_ENV)
             async with running_target(name, workdir, cpus=server_cpus, redis=args.redis or args.durability == "redis",
                                       postgres=args.postgres or args.durability == "postgres",
                                       extra_env=extra) as target:
@@ -132,6 +143,8 @@ async def run(args: argparse.Namespace, opts: Options, directory: Path, argv: li
     server_cpus, generator_cpus = (None, None) if args.no_pin else plan_pinning()
     before = os.sched_getaffinity(0)
     names = ["url"] if args.url else (["baseline", "sessiond"] if args.target == "both" else [args.target])
+    if args.scenario == SOAK and not args.url:
+        names = ["sessiond"]  # the soak needs REST and the server's JWT secret: the baseline has neither
     results: dict[str, dict[str, Any]] = {}
     pin(0, generator_cpus)
     try:

@@ -82,6 +82,23 @@ ROWS: dict[str, list[Row]] = {
         ("version gaps", lambda r: r["version_gaps"], "{:d}", False),
         ("errors", lambda r: r["error_count"], "{:d}", False),
     ],
+    "soak": [
+        ("duration s", lambda r: r["duration_s"], "{:,.0f}", False),
+        ("RSS start / after warm-up / end MiB",
+         lambda r: f"{r['rss_start_mb']:.1f} / {r['rss_after_warmup_mb']:.1f} / {r['rss_end_mb']:.1f}", "{}", False),
+        ("RSS slope after warm-up MB/h (goal < 5)", lambda r: r["rss_slope_mb_per_h"], "{:+.2f}", False),
+        ("open fds start / end", lambda r: f"{r['fds_start']} / {r['fds_end']}", "{}", False),
+        ("server CPU util", lambda r: r["cpu_util"], "{:.0%}", False),
+        ("increments acked", lambda r: r["acked"], "{:,d}", False),
+        ("lost / doubled", lambda r: f"{r['lost']} / {r['doubled']}", "{}", False),
+        ("uncertain (no answer)", lambda r: r["uncertain"], "{:,d}", False),
+        ("device lives / connections cut", lambda r: f"{r['device_lives']:,} / {r['connections_cut']:,}", "{}",
+         False),
+        ("SDK reconnects", lambda r: r["reconnects"], "{:,d}", False),
+        ("sessions churned", lambda r: r["churned_sessions"], "{:,d}", False),
+        ("hostile clients / unexpected answers", lambda r: f"{r['hostile_clients']:,} / {r['hostile_unexpected']}",
+         "{}", False),
+    ],
 }
 
 
@@ -226,7 +243,12 @@ def cluster_warnings(payload: dict[str, Any]) -> list[str]:
 
 
 def correctness_failures(payload: dict[str, Any]) -> list[str]:
-    """What makes a cluster run fail besides a part that could not run: lost or duplicated changes."""
+    """What makes a run fail besides a part that could not run: lost or duplicated changes (cluster, soak), and
+    for the soak also unexpected answers to hostile clients and a memory leak."""
+    if payload.get("scenario") == "soak":
+        from bench.soak import correctness_failures as soak_failures
+
+        return [line for r in payload["results"].values() if "failed" not in r for line in soak_failures(r)]
     if payload.get("scenario") != "cluster":
         return []
     f = payload["results"].get("failover", {})
@@ -326,6 +348,19 @@ def plot(directory: Path, scenario: str, results: dict[str, dict[str, Any]]) -> 
         ax.set_title("cluster: failover under load")
         ax.legend()
         files.append(_save(fig, directory / "failover.png"))
+    soaks = {n: r for n, r in ok.items() if r.get("series", {}).get("rss")}
+    if scenario == "soak" and soaks:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name, r in soaks.items():
+            points = r["series"]["rss"]
+            ax.plot([p[0] / 60 for p in points], [p[1] for p in points], marker=".", label=f"{name} RSS")
+            ax.axvspan(0, r["series"]["warmup_s"] / 60, alpha=0.08)
+            ax.set_title(f"soak: server RSS over time (slope after warm-up {r['rss_slope_mb_per_h']:+.2f} MB/h)")
+        ax.set_xlabel("minutes; shaded: warm-up")
+        ax.set_ylabel("RSS (MiB)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        files.append(_save(fig, directory / "rss.png"))
     if scenario == "saturation" and ok:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
         for name, r in ok.items():

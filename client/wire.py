@@ -1,7 +1,8 @@
 """Wire-level pieces of the client SDK: codecs, close-code policy, backoff, and the public value types.
 
-Kept apart from the connection logic so they can be tested (and reused by the bench) without sockets,
-and so the SDK never imports the server's transport package (DESIGN §3 is the only shared contract).
+Kept apart from the connection logic so they can be tested (and reused by the bench) without sockets. The SDK
+ships alone as `sessiond-client` (clients/python): it imports only the pure `protocol` package it shares with the
+server (codes, ops, frames, codec), never the server's own packages.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from typing import Any
 import msgpack
 import orjson
 
+from protocol import codes
+from protocol.codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
+
 JSON = Any
 
-SUBPROTOCOLS = {"json": "sessiond.v1.json", "msgpack": "sessiond.v1.msgpack"}
+SUBPROTOCOLS = {"json": JSON_SUBPROTOCOL, "msgpack": MSGPACK_SUBPROTOCOL}
 
 # Close codes after which reconnecting cannot help (DESIGN §3): bad token, not the owner, no such session, deleted.
-FINAL_CLOSE_CODES: dict[int, str] = {4001: "unauthorized", 4003: "forbidden", 4004: "not_found", 4010: "ended"}
+FINAL_CLOSE_CODES: dict[int, str] = dict(codes.FINAL_CLOSES)
 # Upgrade rejections (HTTP status) that are final for the same reasons.
-FINAL_HTTP_STATUSES: dict[int, str] = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
+FINAL_HTTP_STATUSES: dict[int, str] = {
+    codes.HTTP_STATUS[code]: code for code in (codes.E_UNAUTHORIZED, codes.E_FORBIDDEN, codes.E_NOT_FOUND)
+}
 
 
 class DecodeError(ValueError):

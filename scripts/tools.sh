@@ -15,10 +15,12 @@ TOOLS=(
     "nginx nginx-light"
     "promtool prometheus"
     "amtool prometheus-alertmanager"
+    "prometheus-alertmanager prometheus-alertmanager"  # the server itself: tests/deploy/test_alertmanager.py
     "chromium chromium"
     "openssl openssl"
     "node nodejs"
     "npm npm"
+    "kubectl kubectl"
 )
 
 as_root() {

@@ -7,10 +7,13 @@ without Redis; only a process crash loses what the last SQLite snapshot did not 
 from __future__ import annotations
 
 import base64
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
+import orjson
 import trio
 
 from storage.ports import (
@@ -27,6 +30,7 @@ from storage.ports import (
 )
 
 MAX_EVENTS = 10_000
+MAX_MEMORY_JOURNAL_BYTES = 64 << 20  # per session: 1000 versions (a checkpoint's interval) of 64 KiB frames fit
 
 
 class Fences:
@@ -134,20 +138,50 @@ class MemorySnapshotStore:
         self._snapshots.pop(session_id, None)
 
 
-class MemoryJournal:
-    """Bounded like the others (`max_entries` per session): while checkpoints fail it must not grow for good."""
+def sized(change: Change) -> Change:
+    """The change with its ops' encoded size set: the actor's changes carry it (from the frame, so nothing is
+    encoded again on the hot path); others (tests, tools) are measured once here."""
+    return change if change.size else replace(change, size=len(orjson.dumps(change.ops)))
 
-    def __init__(self, fences: Fences | None = None, max_entries: int = MAX_JOURNAL_ENTRIES) -> None:
+
+class MemoryJournal:
+    """Bounded like the others (`max_entries` per session), and in bytes too (`max_bytes` per session, since
+    its entries are this process's memory): while checkpoints fail it must not grow for good. `session_bytes`
+    lets the memory budget count a session's entries with its actor."""
+
+    def __init__(
+        self,
+        fences: Fences | None = None,
+        max_entries: int = MAX_JOURNAL_ENTRIES,
+        max_bytes: int = MAX_MEMORY_JOURNAL_BYTES,
+    ) -> None:
         self._changes: dict[str, list[Change]] = defaultdict(list)
+        self._bytes: dict[str, int] = {}
         self.fences = fences or Fences()
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def session_bytes(self, session_id: str) -> int:
+        return self._bytes.get(session_id, 0)
 
     async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         self.fences.check(session_id, token)
         held = self._changes[session_id]
         if len(held) + len(changes) > self.max_entries:
             raise JournalFull(f"in-memory journal of {session_id} is full (checkpoints are failing)")
+        changes = [sized(c) for c in changes]
+        size = self._bytes.get(session_id, 0) + sum(c.size for c in changes)
+        if size > self.max_bytes:
+            raise JournalFull(
+                f"in-memory journal of {session_id} would hold more than {self.max_bytes} bytes "
+                "(checkpoints are failing)"
+            )
         held.extend(changes)
+        self._bytes[session_id] = size
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
         return [c for c in self._changes.get(session_id, ()) if c.version > version]
@@ -156,11 +190,14 @@ class MemoryJournal:
         kept = [c for c in self._changes.get(session_id, ()) if c.version > upto_version]
         if kept:
             self._changes[session_id] = kept
+            self._bytes[session_id] = sum(c.size for c in kept)
         else:
             self._changes.pop(session_id, None)
+            self._bytes.pop(session_id, None)
 
     async def delete(self, session_id: str) -> None:
         self._changes.pop(session_id, None)
+        self._bytes.pop(session_id, None)
 
     async def holds_changes(self) -> bool:
         return any(self._changes.values())
@@ -194,18 +231,26 @@ def memory_storage() -> Storage:
 
 
 class MemoryLeases:
-    """Session leases with expiry on the trio clock; tokens grow per session (Leases port)."""
+    """Session leases with expiry on the trio clock; tokens grow per session (Leases port).
 
-    def __init__(self) -> None:
+    The counters live in this process only, so a restarted process starts them above the wall clock in µs at its
+    start (`base`): a session's token, which is also its wire epoch, never repeats across restarts. Starting at 1
+    again gave a session restored after a crash the epoch of its previous life, and a device resuming with that
+    epoch got a replay of versions whose contents had changed (the lost tail), with no error (found by the
+    TypeScript SDK's restart test).
+    """
+
+    def __init__(self, base: int | None = None) -> None:
         self._leases: dict[str, tuple[str, int, float]] = {}  # session -> (pod, token, expires at)
         self._epochs: dict[str, int] = {}
+        self._base = time.time_ns() // 1000 if base is None else base
 
     async def acquire(self, session_id: str, pod: str, ttl_s: float, floor: int = 0) -> int:
         now = trio.current_time()
         held = self._leases.get(session_id)
         if held is not None and held[0] != pod and held[2] > now:
             raise LeaseHeld(held[0])
-        token = max(self._epochs.get(session_id, 0) + 1, floor + 1)
+        token = max(self._epochs.get(session_id, self._base) + 1, floor + 1)
         self._epochs[session_id] = token
         self._leases[session_id] = (pod, token, now + ttl_s)
         return token

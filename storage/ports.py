@@ -93,6 +93,9 @@ class Change:
     device: str
     op_id: int | None
     ops: list[dict[str, JSON]]
+    # The ops' encoded size when the actor knows it (an upper bound: the frame's length); 0: not known. Not
+    # stored by any backend: the in-memory journal counts its bytes with it.
+    size: int = field(default=0, compare=False)
     # Handoff (pause/claim) changes `active`/`status`, not the version: it writes a snapshot instead.
 
 

@@ -10,6 +10,7 @@ queued as one message (an array) per wake-up: fewer writes per frame is where th
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import trio
@@ -24,6 +25,7 @@ MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 256 * 1024
 CLOSE_GRACE_S = 2.0
 DEFAULT_QUEUE_BYTES = 8 << 20
+MAX_AWAITED_ACKS = 1024  # requests timed for the ack latency metric per connection (oldest forgotten beyond)
 
 _ids = itertools.count(1)
 
@@ -60,6 +62,10 @@ class Connection:
         self.close_request: tuple[int, str] | None = None
         self.closed = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        # Latency metrics: requests sent to the actor (op id -> wall clock when decoded, ACK_KINDS index), and
+        # the `born` of the oldest patch not yet taken by the writer (0.0: none).
+        self._awaited: dict[int, tuple[float, int]] = {}
+        self._patch_born = 0.0
 
     # ---- DeviceLink ---------------------------------------------------------------------------
 
@@ -71,11 +77,22 @@ class Connection:
     def link_id(self) -> str:
         return self._link_id
 
+    @property
+    def queued_bytes(self) -> int:
+        return self.queue.queued_bytes  # kept up to date by the queue itself: nothing added per frame
+
     def deliver(self, out: Outgoing) -> None:
         if self.close_request is not None:
             return  # closing: frames are dropped, the device resumes elsewhere
-        outcome = self.queue.push(out.frame["t"], encode_for(out, self.subprotocol))
+        kind = out.frame["t"]
+        if (kind == "ack" or kind == "error") and self._awaited:
+            awaited = self._awaited.pop(out.frame.get("id", -1), None)  # an error without an id pops nothing
+            if awaited is not None and kind == "ack":
+                metrics.ACK_LATENCY[awaited[1]].observe(time.time() - awaited[0])
+        outcome = self.queue.push(kind, encode_for(out, self.subprotocol))
         if outcome is Push.QUEUED:
+            if kind == "patch" and not self._patch_born:
+                self._patch_born = out.born  # a dropped patch (superseded by a welcome) is not timed
             self._wake()
         elif outcome is Push.RESYNC:
             metrics.SLOW_CONSUMERS.labels("resync").inc()
@@ -100,6 +117,13 @@ class Connection:
             self.close_request = (code, reason)
             self.cancel_scope.deadline = min(self.cancel_scope.deadline, trio.current_time() + CLOSE_GRACE_S)
             self._wake()
+
+    def await_ack(self, op_id: int, kind: int, decoded_at: float) -> None:
+        """Time a request handed to the actor until its ack comes back (`kind`: index in metrics.ACK_KINDS)."""
+        awaited = self._awaited
+        if len(awaited) >= MAX_AWAITED_ACKS:  # answers that never come (a lost relay link closes us anyway)
+            del awaited[next(iter(awaited))]
+        awaited[op_id] = (decoded_at, kind)
 
     # ---- the writer task ----------------------------------------------------------------------
 
@@ -129,16 +153,22 @@ class Connection:
     async def run_writer(self) -> None:
         """Drains the queue until a close is requested; then flushes and closes with that code."""
         hot = metrics.HOT
+        delivery = metrics.DELIVERY_LATENCY
         queue = self.queue
         try:
             while True:
                 if not queue and self.close_request is None:
                     await self._park()
                 while queue:
+                    born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
+                    self._patch_born = 0.0
                     batch = queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
                     await self.ws.send_message(codec.join_batch(batch, self.subprotocol))
                     hot.frames_out += len(batch)
                     hot.messages_out += 1
+                    if born:
+                        age = time.time() - born
+                        delivery.observe(age if age > 0.0 else 0.0)  # relayed: two pods' clocks may disagree
                 if self.close_request is not None:
                     code, reason = self.close_request
                     with trio.move_on_after(2):

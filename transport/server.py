@@ -7,6 +7,7 @@ one failing handler would otherwise tear down `serve_websocket` and every other 
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,8 @@ WS_PATH = "/v1/ws"
 MAX_ERRORS_IN_A_ROW = 100  # a peer that only sends garbage is cut instead of being answered forever
 CHEAP_ID_MAX_BYTES = 1024  # a rate-limited frame is decoded for its id only when it is this small
 _HANDLED: Any = object()
+# Request type -> index of its ack latency histogram (transport.metrics.ACK_KINDS: op, pause, claim).
+_ACK_KIND: dict[type, int] = {ChangeRequest: 0, PauseRequest: 1, ClaimRequest: 2}
 
 
 class VerifiedToken(Protocol):
@@ -80,8 +83,10 @@ class WebSocketServer:
         router: Router,
         verifier: TokenVerifier,
         on_user: Callable[[str], Awaitable[None]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        self.ssl_context = ssl_context  # set: wss:// (the composition root builds it, TLS 1.3 only)
         self.router = router
         self.verifier = verifier
         self.on_user = on_user
@@ -100,7 +105,7 @@ class WebSocketServer:
                         self.handle,
                         self.config.host,
                         self.config.port,
-                        None,
+                        self.ssl_context,
                         handler_nursery=handlers,
                         # Frames over max_frame_bytes get a `too_large` error and the connection stays; only
                         # far larger ones are cut by the library (1009) before we buffer them.
@@ -317,14 +322,18 @@ class WebSocketServer:
             errors_in_a_row = 0
             if message is _HANDLED:
                 continue
+            decoded_at = time.time()
             try:
                 actor.tell(message)
             except Overloaded:
                 self._error(conn, codes.RATE_LIMITED, "session busy, retry shortly", message.op_id)
+                continue
             except ActorUnavailable as exc:
                 self._error(conn, codes.UNAVAILABLE, str(exc), message.op_id)
                 if actor.gone:
                     conn.close(codes.TRY_AGAIN_LATER, "session unavailable, reconnect")
+                continue
+            conn.await_ack(message.op_id, _ACK_KIND[type(message)], decoded_at)
 
     def _message_for(self, conn: Connection, watch: _Watch, data: str | bytes) -> Any:
         """The actor message for one frame; `_HANDLED` when answered here; None after an error frame."""

@@ -56,6 +56,10 @@ class FakeLink:
     def resyncing(self) -> bool:
         return self._queue.resyncing
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queue.queued_bytes
+
     def deliver(self, out: Outgoing) -> None:
         outcome = self._queue.push(out.frame["t"], self._encode(out))
         if outcome is Push.RESYNC:

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from actors.session import (
+    ACKED_IN_SNAPSHOT,
     REST_DEVICE,
     Accepted,
     Broadcast,
@@ -395,6 +396,61 @@ def test_restore_from_snapshot_and_journal_equals_live(snap_at: int, overlap: bo
     # The restored state answers a retransmit exactly like the live one.
     assert restored.change("a", 5, inc(), None, T) == Accepted(5)
     assert restored.version == 6
+
+
+def test_old_op_ids_are_answered_not_applied_after_a_restore() -> None:
+    """Issue 8 review: a snapshot keeps only the newest ACKED_IN_SNAPSHOT op ids per device. An older id (a
+    client retransmitting a long backlog after a restart) is still at or below the device's high-water mark, so
+    it is acked and not applied again. Its exact version is kept only for the newest ids; an older one is acked
+    with the version of the next id kept (an upper bound, never below its own)."""
+    s = with_devices("a", "b")
+    sent = 2 * ACKED_IN_SNAPSHOT + 10
+    for op_id in range(1, sent + 1):
+        s.change("a", op_id, inc(), None, T)
+        s.change("b", op_id, inc("/m"), None, T)  # interleaved: a's op id n was applied at version 2n - 1
+    snap = s.snapshot()
+    s.change("a", sent + 1, inc(), None, T)  # after the snapshot: only in the journal
+    journal = _journal(s.take_effects())
+    restored = SessionState.restore(s.record(), snap, journal)
+    assert len(snap.acked["a"]) == ACKED_IN_SNAPSHOT < sent
+    version, state = restored.version, orjson.loads(orjson.dumps(restored.state))
+    assert (version, state) == (2 * sent + 1, {"n": sent + 1, "m": sent})
+    oldest_kept = sent - ACKED_IN_SNAPSHOT + 1
+    for old in (1, 2, sent // 3, oldest_kept - 1):  # older than every id the snapshot kept
+        result = restored.change("a", old, inc(), None, T)
+        assert isinstance(result, Accepted), result
+        assert 2 * old - 1 <= result.version <= 2 * oldest_kept - 1
+        assert restored.take_effects() == [Send("a", {"t": "ack", "id": old, "version": result.version})]
+    for kept in (oldest_kept, sent, sent + 1):  # kept in the snapshot, or in the journal: the exact answer
+        assert restored.change("a", kept, inc(), None, T) == Accepted(min(2 * kept - 1, version))
+        assert restored.take_effects() == [Send("a", {"t": "ack", "id": kept, "version": min(2 * kept - 1, version)})]
+    assert (restored.version, restored.state) == (version, state)  # nothing applied, no version step
+    assert restored.change("a", sent + 2, inc(), None, T) == Accepted(version + 1)  # a new id still applies
+
+
+def test_retransmitted_pause_and_claim_are_answered_not_applied_live_and_after_a_restore() -> None:
+    """DESIGN §3: a `pause` or `claim` retransmitted with an answered id gets its ack again, and no second
+    handoff: no checkpoint, no broadcast, no event, no change of who is active, no version step."""
+    s = with_devices("a", "b")
+    s.change("a", 1, inc(), None, T)
+    assert s.claim("a", 2, T) == Accepted(1, "a")
+    assert s.pause("a", 3, T) == Accepted(1, None)
+    assert s.claim("b", 7, T) == Accepted(1, "b")
+    s.take_effects()
+    snap = s.snapshot()  # what the handoff's sync checkpoint saved
+    restored = SessionState.restore(s.record(), snap, [])
+    for state in (s, restored):
+        before = (state.version, state.active, state.status, orjson.loads(orjson.dumps(state.state)))
+        assert before == (1, "b", "active", {"n": 1})
+        assert state.claim("a", 2, T) == Accepted(1, "b")  # a's old claim: b stays active
+        assert state.take_effects() == [Send("a", {"t": "ack", "id": 2, "version": 1})]
+        assert state.pause("a", 3, T) == Accepted(1, "b")  # a's old pause: b stays active, nothing paused
+        assert state.take_effects() == [Send("a", {"t": "ack", "id": 3, "version": 1})]
+        assert state.claim("b", 7, T) == Accepted(1, "b")
+        assert state.take_effects() == [Send("b", {"t": "ack", "id": 7, "version": 1})]
+        assert (state.version, state.active, state.status, state.state) == before
+    assert restored.pause("b", 8, T) == Accepted(1, None)  # a new id is carried out
+    assert restored.status == "paused"
 
 
 def test_restore_does_not_alter_the_snapshot_it_was_given() -> None:

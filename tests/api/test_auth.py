@@ -86,6 +86,19 @@ def test_mint_verify_roundtrip(tmp_path: Path) -> None:
     assert "aud" not in payload and "iss" not in payload
 
 
+def test_mint_keeps_a_fractional_lifetime(tmp_path: Path) -> None:
+    """Issue 8 review: a 1.5 s token must expire 1.5 s after it was minted, not at a whole second (RFC 7519
+    allows a non-integer NumericDate); rounding would make it live anywhere from 1 to 2 s."""
+    auth = hs(tmp_path)
+    before = time.time()
+    token = auth.mint("alice", ttl_s=1.5)
+    after = time.time()
+    exp = jwt.decode(token, SECRET, algorithms=["HS256"])["exp"]
+    assert isinstance(exp, float)
+    assert before + 1.5 - 1e-6 <= exp <= after + 1.5 + 1e-6, (before, exp, after)
+    assert auth.verify(token).exp == exp  # verification keeps the fraction too
+
+
 def test_no_roles_is_not_admin(tmp_path: Path) -> None:
     auth = hs(tmp_path)
     claims = auth.verify(auth.mint("bob"))

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from bench import soak
 from bench.proc import process_cpu_s, process_rss_bytes
 from bench.server import sessiond_runnable
 from bench.stats import Latency, percentile
@@ -133,3 +134,36 @@ def test_proc_readers_on_self() -> None:
 
     assert process_cpu_s(os.getpid()) > 0
     assert process_rss_bytes(os.getpid()) > 1 << 20
+
+
+@pytest.mark.slow
+async def test_soak(tmp_path: Path) -> None:
+    """A 20 s soak: churn, cut connections and hostile clients at once; every increment counted exactly."""
+    argv = [sys.executable, "-m", "bench", "soak", "--quick", "--results", str(tmp_path), "--no-progress"]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, output
+    r = json.loads((tmp_path / "results.json").read_text())["results"]["sessiond"]
+    assert "failed" not in r, r
+    assert (r["lost"], r["doubled"], r["unreadable"]) == (0, 0, 0), r["problems"]
+    assert r["acked"] > 0 and r["connections_cut"] > 0 and r["reconnects"] > 0
+    assert r["churned_sessions"] > 0 and not r["churn"].get("mismatched"), r["churn_problems"]
+    assert r["hostile_clients"] >= len(soak.HOSTILES) and r["hostile_unexpected"] == 0, r["hostile_unexpected_examples"]
+    assert len(r["series"]["rss"]) >= 3 and (tmp_path / "rss.png").exists()
+
+
+def test_soak_slope_is_a_least_squares_fit_per_hour() -> None:
+    assert soak.slope_per_hour([(0.0, 10.0), (1800.0, 12.5), (3600.0, 15.0)]) == pytest.approx(5.0)
+    assert soak.slope_per_hour([(0.0, 10.0), (60.0, 10.0), (120.0, 10.0)]) == 0.0
+    assert math.isnan(soak.slope_per_hour([(0.0, 1.0), (1.0, 2.0)]))
+
+
+def test_soak_failures_name_loss_doubles_hostile_answers_and_a_leak() -> None:
+    clean = {"lost": 0, "doubled": 0, "unreadable": 0, "churn": {}, "hostile_unexpected": 0, "device_failures": [],
+             "rss_slope_mb_per_h": 1.0, "duration_s": 1800}
+    assert soak.correctness_failures(clean) == []
+    assert "lost" in soak.correctness_failures({**clean, "lost": 1})[0]
+    assert "twice" in soak.correctness_failures({**clean, "doubled": 2})[0]
+    assert "hostile" in soak.correctness_failures({**clean, "hostile_unexpected": 1})[0]
+    assert "RSS grows" in soak.correctness_failures({**clean, "rss_slope_mb_per_h": 7.5})[0]
+    assert soak.correctness_failures({**clean, "rss_slope_mb_per_h": 7.5, "duration_s": 60}) == []  # too short

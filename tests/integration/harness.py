@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ class Harness:
     settings: Settings
     auth: Authenticator
     running: RunningServer
+    stopped: trio.Event = field(default_factory=trio.Event)  # set once `serve` has returned (ports closed)
 
     @property
     def ws_url(self) -> str:
@@ -65,10 +65,16 @@ class Harness:
 async def start_server(nursery: trio.Nursery, data_dir: Path, **overrides: Any) -> Harness:
     settings = test_settings(data_dir, **overrides)
     auth = Authenticator.from_settings(settings)
-    running: RunningServer = await nursery.start(
-        functools.partial(serve, settings, auth, handle_signals=False, tune_gc=False)
-    )
-    return Harness(settings, auth, running)
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await serve(settings, auth, handle_signals=False, tune_gc=False, task_status=task_status)
+        finally:
+            stopped.set()
+
+    running: RunningServer = await nursery.start(run)
+    return Harness(settings, auth, running, stopped)
 
 
 class RawDevice:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import time
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
+from api.logs import configure_logging, reset_logging
+from bench.server import running_target
 from tests.integration.harness import SECRET, Harness, raw_device, start_server, wsproto_device
 
 
@@ -28,6 +33,14 @@ BAD_TOKENS = {
     "garbage": "not-a-token",
     "huge": "a" * 5000,
 }
+
+
+async def past_expiry(token: str, margin_s: float = 0.5) -> None:
+    """Until `token` has expired (the wall clock passing its `exp` is the condition), plus a margin for the
+    server's expiry timer, which fires at `exp`. What the callers check next is partly an absence (a refreshed
+    connection was not closed with 4001), which can only be watched for a while: the margin is that while."""
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    await trio.sleep(max(0.0, exp - time.time()) + margin_s)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_TOKENS))
@@ -91,12 +104,25 @@ async def test_rest_bodies_that_are_not_utf8_get_400_with_the_error_body(server:
     """Issue 8: such bodies got Quart's HTML 500 page and an error log; they are the client's mistake."""
     sid = await server.create_session()
     bad = b'{"name":"\xff"}' if "utf-16" not in content_type else '{"name":"x"}'.encode("utf-16")
-    async with server.rest() as http:
-        for method, path in (("POST", "/v1/sessions"), ("PATCH", f"/v1/sessions/{sid}"),
-                             ("POST", f"/v1/sessions/{sid}/handoff")):
-            r = await http.request(method, path, content=bad, headers={"content-type": content_type})
-            assert r.status_code == 400, (method, path, r.text)
-            assert r.json()["error"]["code"] == "bad_frame"
+    logs = io.StringIO()
+    configure_logging("json", "debug", logs, stdlib_level="info")  # ours and the libraries' (quart, hypercorn)
+    try:
+        answers = []
+        async with server.rest() as http:
+            for method, path in (("POST", "/v1/sessions"), ("PATCH", f"/v1/sessions/{sid}"),
+                                 ("POST", f"/v1/sessions/{sid}/handoff")):
+                r = await http.request(method, path, content=bad, headers={"content-type": content_type})
+                answers.append((method, path, r.status_code, r.text))
+    finally:
+        reset_logging()
+    entries = [json.loads(line) for line in logs.getvalue().splitlines() if line.strip()]
+    # A client's mistake: no error-level line and no traceback in the server's log (checked before the
+    # answers, so a regression shows as the log line it writes).
+    loud = [e for e in entries if e.get("level") in ("error", "critical") or "exception" in e or "exc_info" in e]
+    assert not loud, loud
+    for method, path, status, text in answers:
+        assert status == 400, (method, path, text)
+        assert json.loads(text)["error"]["code"] == "bad_frame"
 
 
 async def test_idle_rest_connections_are_released(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -127,6 +153,40 @@ async def test_idle_rest_connections_are_released(tmp_path: Path, nursery: trio.
             many.start_soon(one, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert sum(r.startswith(b"HTTP/1.1 200") for r in results) == 40 and results.count(b"") == 20
     h.running.stop()
+
+
+async def test_an_answer_before_the_body_was_read_leaves_the_connection_usable(tmp_path: Path) -> None:
+    """Found by schemathesis: a 401 (or 405, or another error) given before the request body was read left the
+    keep-alive connection stuck, about 3 times in 4: the client's next request on it never got an answer. It
+    shows with the server in its own process (in-process, the timing hides it)."""
+    async with running_target("sessiond", tmp_path) as target:
+        sid = (await target.create_sessions(1))[0]
+        auth = {"Authorization": f"Bearer {target.token()}"}
+        for _ in range(6):  # each time a new keep-alive connection, the sequence schemathesis sent on one
+            assert await _error_then_next_request(str(target.http_url), sid, auth) == [200, 404, 401, 400, 405, 200]
+
+
+async def _error_then_next_request(url: str, sid: str, auth: dict[str, str]) -> list[int]:
+    json_type = {"Content-Type": "application/json"}
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            statuses = [
+                (await http.options("/v1/sessions/st")).status_code,
+                (await http.get("/v1/sessions/st", headers=auth)).status_code,
+                (await http.patch(f"/v1/sessions/{sid}", content=b'{"ops": [{}]}', headers=json_type)).status_code,
+                (await http.patch(f"/v1/sessions/{sid}", content=b"[null]", headers={**auth, **json_type})
+                 ).status_code,
+                (await http.put(f"/v1/sessions/{sid}/handoff", content=b'{"device":"d"}', headers=auth)).status_code,
+                (await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "inc", "path": "/n"}]}, headers=auth)
+                 ).status_code,
+            ]
+    return statuses
+
+
+async def test_a_body_over_the_limit_is_refused_before_the_app_runs(server: Harness) -> None:
+    async with server.rest(None) as http:  # no token: refused on size first, without buffering it all
+        r = await http.post("/v1/sessions", content=b"x" * (4 * 2**20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 
 async def test_first_frame_must_be_hello(server: Harness) -> None:
@@ -187,13 +247,14 @@ async def test_expired_token_closes_connection(server: Harness) -> None:
 
 async def test_token_refresh_in_band(server: Harness) -> None:
     sid = await server.create_session()
-    async with raw_device(server, sid, token=server.token(ttl_s=2)) as d:
+    first = server.token(ttl_s=2)
+    async with raw_device(server, sid, token=first) as d:
         await d.send({"t": "auth", "token": server.token(ttl_s=3600)})
         authed = await d.recv_type("authed")
         assert authed["exp"] > time.time() + 3000
         await d.send({"t": "auth", "token": server.token("mallory")})
         assert (await d.recv_type("error"))["code"] == "forbidden"
-        await trio.sleep(2.5)
+        await past_expiry(first)
         await d.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/still", "value": "here"}]})
         assert (await d.recv_type("ack"))["version"] == 1
 
@@ -240,12 +301,13 @@ async def test_a_peer_that_never_reads_is_cut_and_cannot_write_after_expiry(
 
     h = await start_server(nursery, tmp_path, send_queue_frames=8, rate_limit="1000/1000")
     sid = await h.create_session()
-    stream, ws = await wsproto_device(h, sid, "stuck", h.token(ttl_s=2), rcvbuf=4096)
+    token = h.token(ttl_s=2)
+    stream, ws = await wsproto_device(h, sid, "stuck", token, rcvbuf=4096)
     async with h.rest() as http:
         big = "x" * 60_000
         for i in range(60):  # far more than its socket buffers and its send queue hold: it never reads
             await http.patch(f"/v1/sessions/{sid}", json={"ops": [{"op": "set", "path": f"/b{i % 3}", "value": big}]})
-        await trio.sleep(3)  # its token has expired by now
+        await past_expiry(token)
         op = {"t": "op", "id": 1, "ops": [{"op": "set", "path": "/evil", "value": True}]}
         with contextlib.suppress(OSError, trio.BrokenResourceError):
             await stream.send_all(ws.send(TextMessage(orjson.dumps(op).decode())))

@@ -51,7 +51,8 @@ async def test_sdk_resumes_after_server_restart(nursery: trio.Nursery, tmp_path:
             await a.inc("/n")
         ws_port, http_port = h.running.ws_port, h.running.http_port
         h.running.stop()
-        await trio.sleep(0.5)
+        with trio.fail_after(15):
+            await h.stopped.wait()  # checkpointed and its ports closed: the next one can take them
         h2 = await start_server(nursery, tmp_path, ws_port=ws_port, http_port=http_port)
         assert await a.inc("/n") == 6
         assert a.state == {"n": 6}

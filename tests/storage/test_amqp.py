@@ -17,6 +17,7 @@ from typing import Any
 import pika
 import pytest
 import trio
+from prometheus_client import REGISTRY
 
 from storage.amqp import EXCHANGE, open_amqp_events
 from storage.bridge import Bridge, open_bridge
@@ -121,6 +122,11 @@ async def test_many_events_in_bursts(bridge: Bridge, queue: str) -> None:
     assert [b["n"] for _, b, _ in got] == list(range(3000))
 
 
+def _failed_connects() -> float:
+    """Connection attempts the sink reported failed (its backoff loop counts each one)."""
+    return REGISTRY.get_sample_value("sessiond_storage_errors_total", {"backend": "amqp", "kind": "unavailable"}) or 0.0
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,8 +140,9 @@ async def test_unreachable_broker_buffers_and_counts_drops(bridge: Bridge) -> No
             sink.publish("session.created", {"n": n})  # never raises, never blocks
         assert sink.dropped == 3
         assert sink.buffered == 5
-        await trio.sleep(0.3)  # a few failed connection attempts
-        assert sink.published == 0 and not sink.connected
+        failed = _failed_connects()
+        await _wait_for(lambda: _failed_connects() >= failed + 2, 10)  # a few failed connection attempts
+        assert sink.published == 0 and not sink.connected and sink.buffered == 5
         sink.publish("session.created", {"bad": object()})  # unencodable: dropped, not raised
         assert sink.dropped == 4
 
@@ -154,7 +161,8 @@ async def test_outage_buffers_then_delivers_after_reconnect(bridge: Bridge, queu
             await _wait_for(lambda: not sink.connected, 10)
             for n in range(1, 6):
                 sink.publish("device.joined", event(run_id, n, "device.joined"))
-            await trio.sleep(0.3)
+            failed = _failed_connects()
+            await _wait_for(lambda: _failed_connects() >= failed + 1, 10)  # it tried the dead broker again
             assert sink.published == 1 and sink.buffered == 5
 
             await proxy.start(outer)  # it comes back on the same address

@@ -157,17 +157,24 @@ async def test_shutdown_cancels_leftover_tasks_and_joins_thread() -> None:
 
 async def test_caller_waiting_at_shutdown_gets_bridge_closed() -> None:
     errors: list[BaseException] = []
+    token = trio.lowlevel.current_trio_token()
+    running = trio.Event()
+
+    async def long_call() -> None:
+        token.run_sync_soon(running.set)  # tells the trio side the call is under way on the asyncio loop
+        await asyncio.sleep(30)
 
     async def waiter(bridge: Bridge, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
-            await bridge.run(asyncio.sleep, 30)
+            await bridge.run(long_call)
         except BridgeClosed as exc:
             errors.append(exc)
 
     async with trio.open_nursery() as nursery, open_bridge() as bridge:
         await nursery.start(waiter, bridge)
-        await trio.sleep(0.02)
+        with trio.fail_after(5):
+            await running.wait()
     assert len(errors) == 1
 
 

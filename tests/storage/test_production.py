@@ -272,8 +272,7 @@ async def test_redis_journal_outage_and_recovery(bridge: Bridge, redis_prefix: s
         url = f"redis://127.0.0.1:{proxy.port}/0"
         async with open_redis(bridge, url, prefix=redis_prefix, socket_timeout=1.0) as rd:
             await rd.journal.append(s, changes(1, 2))
-            proxy.cut()
-            await trio.sleep(0.05)
+            await proxy.cut_and_wait()  # the port refuses connections from here on
             for v in (3, 3):  # a refused connection, then again: each fails fast, nothing hangs
                 with trio.fail_after(3):
                     with pytest.raises(StorageUnavailable):
