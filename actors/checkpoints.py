@@ -5,6 +5,10 @@ one (PostgreSQL, else the SQLite file) every M versions or T seconds when change
 shutdown and moves. Periodic ones are written by a background task while the actor goes on serving (a slow
 database must not stall acks), at most one in flight; the others are awaited. Every write carries the actor's
 fencing token: a write refused as `Fenced` means another pod owns the session now.
+
+An awaited handoff checkpoint does only what its ack needs: the snapshot (and with it the session record, in one
+write where the store allows, `save_durable_checkpoint`). Trimming the journal the snapshot covers is
+housekeeping that no ack waits for: it follows in the background.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import trio
 from actors import metrics
 from actors.config import ActorConfig
 from actors.session import SessionState
-from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageError, save_durable
+from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageError, save_durable_checkpoint
 
 
 class Checkpointer:
@@ -47,14 +51,26 @@ class Checkpointer:
         return state.version != state.checkpointed_version and now - self.last_clock >= self.period_s
 
     async def now(
-        self, state: SessionState, reason: str, *, durable: bool = True, force: bool = False, raise_errors: bool = False
+        self,
+        state: SessionState,
+        reason: str,
+        *,
+        durable: bool = True,
+        force: bool = False,
+        raise_errors: bool = False,
+        trim_later: bool = False,
     ) -> None:
-        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown."""
+        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown.
+
+        `trim_later`: the journal trim runs in the background (a handoff: the ack waits for the snapshot only);
+        a final checkpoint (passivation, shutdown) trims before returning, the serving nursery is about to go."""
         if self._busy is not None:
             await self._busy.wait()  # never two writes of one session at once
         taken = self._take(state, durable, force)
         if taken is not None:
-            await self._write(state, *taken, durable=durable, reason=reason, raise_errors=raise_errors)
+            await self._write(
+                state, *taken, durable=durable, reason=reason, raise_errors=raise_errors, trim_later=trim_later
+            )
 
     def soon(self, state: SessionState, reason: str, *, durable: bool = True) -> None:
         """Take the snapshot now and write it in the background (periodic checkpoints)."""
@@ -82,6 +98,15 @@ class Checkpointer:
         if every is not None and state.version - self._fast_version >= every:
             self.soon(state, "versions", durable=False)
 
+    async def _trim(self, upto_version: int) -> None:
+        """Forget the journal entries a stored snapshot covers. Versions only grow, so a trim may land after later
+        appends; one lost (an error, or the actor stopping first) is redone by the next checkpoint's trim."""
+        try:
+            with trio.fail_after(self.config.storage_timeout_s):
+                await self.storage.journal.trim(self.session_id, upto_version)
+        except (StorageError, trio.TooSlowError) as exc:
+            self._log.warning("journal trim failed", error=str(exc) or type(exc).__name__)
+
     def stopped_serving(self) -> None:
         """The serving nursery is gone (its background write with it)."""
         self.tasks = None
@@ -104,18 +129,21 @@ class Checkpointer:
         durable: bool,
         reason: str,
         raise_errors: bool,
+        trim_later: bool = False,
     ) -> None:
         """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers."""
         started = time.perf_counter()
         storage = self.storage
+        tasks = self.tasks if trim_later else None
+        trim = durable or not getattr(storage.snapshots, "fast_trims_journal", False)
         try:
             with trio.fail_after(self.config.storage_timeout_s):
                 if durable:
-                    await save_durable(storage.snapshots, snapshot)
-                    await storage.sessions.update_session(record, self.token)
+                    await save_durable_checkpoint(storage, snapshot, record, self.token)
                 else:
                     await storage.snapshots.save_snapshot(snapshot)
-                await storage.journal.trim(self.session_id, snapshot.version)
+                if trim and tasks is None:
+                    await storage.journal.trim(self.session_id, snapshot.version)
         except Fenced:
             metrics.FENCED_WRITES.inc()
             self._log.warning("checkpoint refused: another pod owns the session now", reason=reason)
@@ -130,6 +158,8 @@ class Checkpointer:
                 raise
             return
         metrics.CHECKPOINT_SECONDS.labels("durable" if durable else "fast").observe(time.perf_counter() - started)
+        if trim and tasks is not None:
+            tasks.start_soon(self._trim, snapshot.version)
         self._fast_version = max(self._fast_version, snapshot.version)
         if durable:
             state.checkpointed_version = max(state.checkpointed_version, snapshot.version)

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from protocol import codes
+from protocol.codec import dumps_kept
 from protocol.ops import InvalidOp, TooLarge, apply_ops
 from storage.ports import Change, SessionRecord, Snapshot
 
@@ -151,7 +152,10 @@ class SessionState:
     max_state_bytes: int = 1 << 20
     devices: dict[str, DeviceInfo] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
-    replay: deque[dict[str, JSON]] = field(default_factory=deque)
+    # Each patch encoded (JSON bytes): bytes are not tracked by the cyclic GC. As dicts and lists, the windows of
+    # all sessions were long-lived containers that every young collection walked and that made collections
+    # frequent: the GC pauses behind the delivery tail (issue 9). Decoded only for a replay welcome.
+    replay: deque[bytes] = field(default_factory=deque)
     replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
     replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
     acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
@@ -217,7 +221,7 @@ class SessionState:
             s.version = change.version
             if change.op_id is not None:
                 s._remember(change.device, change.op_id, change.version)
-            s._keep_for_replay(s._patch(change.device, change.ops), len(orjson.dumps(change.ops)))
+            s._keep_for_replay(dumps_kept(s._patch(change.device, change.ops)), len(orjson.dumps(change.ops)))
         s.approx_bytes = len(orjson.dumps(s.state))
         return s
 
@@ -312,7 +316,7 @@ class SessionState:
                 # Only when it is smaller than the state itself: 400 changes of one 60 KB key replay as 24 MB.
                 if replay_size < 1024 or replay_size < len(orjson.dumps(self.state)):
                     frame["mode"] = "replay"
-                    frame["patches"] = list(islice(self.replay, first, None))
+                    frame["patches"] = [orjson.loads(patch) for patch in islice(self.replay, first, None)]
                     return frame
         frame["mode"] = "full"
         # A copy: effects are sent after the turn, when later changes of the same turn have moved the state on.
@@ -362,15 +366,16 @@ class SessionState:
         if op_id is not None:
             self._remember(device, op_id, self.version)
         patch = self._patch(device, ops)
-        self._keep_for_replay(patch, size_hint)
+        self._keep_for_replay(dumps_kept(patch), size_hint)  # exact-size bytes: see dumps_kept
         self.effects.append(Journal(Change(self.version, device, op_id, ops, size_hint)))  # size: memory journal
         if op_id is not None:
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
         self.effects.append(Broadcast(patch, exclude=device))
         return Accepted(self.version)
 
-    def _keep_for_replay(self, patch: dict[str, JSON], size: int) -> None:
-        """Keep a patch for resuming devices, within `replay_window` patches and `max_state_bytes` bytes."""
+    def _keep_for_replay(self, patch: bytes, size: int) -> None:
+        """Keep an encoded patch (`size`: its ops' size) for resuming devices, within `replay_window` patches and
+        `max_state_bytes` bytes."""
         self.replay.append(patch)
         self.replay_sizes.append(size)
         self.replay_bytes += size

@@ -487,7 +487,9 @@ class SessionActor:
             if effect.sync:
                 # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when the mode asks for it.
                 durable = effect.reason == "pause" or self.config.handoff_to_durable_tier
-                await self.checkpoints.now(state, effect.reason, durable=durable, force=True, raise_errors=True)
+                await self.checkpoints.now(
+                    state, effect.reason, durable=durable, force=True, raise_errors=True, trim_later=True
+                )
         if ending:
             await self._end_storage()
         return ending

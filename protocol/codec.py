@@ -34,6 +34,16 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _DEVICE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+def dumps_kept(value: Any) -> bytes:
+    """`orjson.dumps` for bytes that will be kept (a journal entry, a replay patch, a buffered event).
+
+    orjson returns its output in a buffer of at least 4 KiB, whatever the length: measured here (orjson 3.13), 100k
+    kept 26-byte results cost 393 MB of RSS, against 7 MB for exact-size copies. `bytes(memoryview(...))` makes
+    that copy; `bytes(b)`, `b[:]` and `b + b""` return the same object. Frames written at once need no copy.
+    """
+    return bytes(memoryview(orjson.dumps(value)))
+
+
 def choose_subprotocol(offered: Sequence[str]) -> str | None:
     """The first subprotocol the client offered that we speak (client preference wins).
 

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import pika
 import structlog
 import trio
@@ -29,6 +28,7 @@ from pika.channel import Channel
 from pika.exceptions import AMQPError
 from pika.spec import Basic
 
+from protocol.codec import dumps_kept
 from storage.bridge import Bridge, BridgeClosed
 from storage.metrics import EVENTS_BUFFERED, EVENTS_DROPPED, EVENTS_PUBLISHED, STORAGE_ERRORS
 from storage.ports import JSON
@@ -85,7 +85,7 @@ class AmqpEventSink:
     def publish(self, routing_key: str, body: dict[str, JSON]) -> None:
         """Queue one event; never blocks, never raises (an unencodable body is dropped and counted)."""
         try:
-            payload = orjson.dumps(body)
+            payload = dumps_kept(body)  # it may wait in the buffer while the broker is away
         except TypeError:
             self._drop("unencodable", routing_key)
             return

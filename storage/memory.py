@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 import orjson
 import trio
 
+from protocol.codec import dumps_kept
 from storage.ports import (
     JSON,
     MAX_JOURNAL_ENTRIES,
@@ -138,16 +138,36 @@ class MemorySnapshotStore:
         self._snapshots.pop(session_id, None)
 
 
-def sized(change: Change) -> Change:
-    """The change with its ops' encoded size set: the actor's changes carry it (from the frame, so nothing is
-    encoded again on the hot path); others (tests, tools) are measured once here."""
-    return change if change.size else replace(change, size=len(orjson.dumps(change.ops)))
+class _Held:
+    """One session's journal entries as parallel lists of atomic values (versions, each change encoded, sizes):
+    ints and bytes are not tracked by the cyclic GC."""
+
+    __slots__ = ("entries", "sizes", "total", "versions")
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.entries: list[bytes] = []  # [device, op id, ops] as JSON
+        self.sizes: list[int] = []
+        self.total = 0
+
+    def drop_upto(self, version: int) -> None:
+        kept = [i for i, v in enumerate(self.versions) if v > version]
+        if len(kept) == len(self.versions):
+            return
+        self.versions = [self.versions[i] for i in kept]
+        self.entries = [self.entries[i] for i in kept]
+        self.sizes = [self.sizes[i] for i in kept]
+        self.total = sum(self.sizes)
 
 
 class MemoryJournal:
     """Bounded like the others (`max_entries` per session), and in bytes too (`max_bytes` per session, since
     its entries are this process's memory): while checkpoints fail it must not grow for good. `session_bytes`
-    lets the memory budget count a session's entries with its actor."""
+    lets the memory budget count a session's entries with its actor.
+
+    Entries are kept encoded (`_Held`): thousands of held Change objects with their ops lists and dicts made the
+    cyclic GC's young collections long and frequent, the pauses behind the delivery tail (issue 9).
+    """
 
     def __init__(
         self,
@@ -155,52 +175,63 @@ class MemoryJournal:
         max_entries: int = MAX_JOURNAL_ENTRIES,
         max_bytes: int = MAX_MEMORY_JOURNAL_BYTES,
     ) -> None:
-        self._changes: dict[str, list[Change]] = defaultdict(list)
-        self._bytes: dict[str, int] = {}
+        self._held: dict[str, _Held] = {}
         self.fences = fences or Fences()
         self.max_entries = max_entries
         self.max_bytes = max_bytes
 
     @property
     def held_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return sum(held.total for held in self._held.values())
 
     def session_bytes(self, session_id: str) -> int:
-        return self._bytes.get(session_id, 0)
+        held = self._held.get(session_id)
+        return held.total if held is not None else 0
 
     async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         self.fences.check(session_id, token)
-        held = self._changes[session_id]
-        if len(held) + len(changes) > self.max_entries:
+        held = self._held.get(session_id)
+        if held is None:
+            held = self._held[session_id] = _Held()
+        if len(held.versions) + len(changes) > self.max_entries:
             raise JournalFull(f"in-memory journal of {session_id} is full (checkpoints are failing)")
-        changes = [sized(c) for c in changes]
-        size = self._bytes.get(session_id, 0) + sum(c.size for c in changes)
-        if size > self.max_bytes:
+        # The actor's changes carry their ops' size (from the frame); others (tests, tools) are measured here.
+        sizes = [change.size or len(orjson.dumps(change.ops)) for change in changes]
+        if held.total + sum(sizes) > self.max_bytes:
             raise JournalFull(
                 f"in-memory journal of {session_id} would hold more than {self.max_bytes} bytes "
                 "(checkpoints are failing)"
             )
-        held.extend(changes)
-        self._bytes[session_id] = size
+        for change, size in zip(changes, sizes, strict=True):
+            held.versions.append(change.version)
+            held.entries.append(dumps_kept([change.device, change.op_id, change.ops]))  # exact-size bytes
+            held.sizes.append(size)
+            held.total += size
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
-        return [c for c in self._changes.get(session_id, ()) if c.version > version]
+        held = self._held.get(session_id)
+        if held is None:
+            return []
+        changes = []
+        for v, entry, size in zip(held.versions, held.entries, held.sizes, strict=True):
+            if v > version:
+                device, op_id, ops = orjson.loads(entry)
+                changes.append(Change(v, device, op_id, ops, size))
+        return changes
 
     async def trim(self, session_id: str, upto_version: int) -> None:
-        kept = [c for c in self._changes.get(session_id, ()) if c.version > upto_version]
-        if kept:
-            self._changes[session_id] = kept
-            self._bytes[session_id] = sum(c.size for c in kept)
-        else:
-            self._changes.pop(session_id, None)
-            self._bytes.pop(session_id, None)
+        held = self._held.get(session_id)
+        if held is None:
+            return
+        held.drop_upto(upto_version)
+        if not held.versions:
+            del self._held[session_id]
 
     async def delete(self, session_id: str) -> None:
-        self._changes.pop(session_id, None)
-        self._bytes.pop(session_id, None)
+        self._held.pop(session_id, None)
 
     async def holds_changes(self) -> bool:
-        return any(self._changes.values())
+        return any(held.versions for held in self._held.values())
 
 
 class MemoryEventSink:
@@ -242,16 +273,16 @@ class MemoryLeases:
 
     def __init__(self, base: int | None = None) -> None:
         self._leases: dict[str, tuple[str, int, float]] = {}  # session -> (pod, token, expires at)
-        self._epochs: dict[str, int] = {}
-        self._base = time.time_ns() // 1000 if base is None else base
+        # One counter for all sessions: tokens still grow per session, and nothing is kept per session once its
+        # lease is gone (a per-session map grew by one entry per session ever seen).
+        self._last = time.time_ns() // 1000 if base is None else base
 
     async def acquire(self, session_id: str, pod: str, ttl_s: float, floor: int = 0) -> int:
         now = trio.current_time()
         held = self._leases.get(session_id)
         if held is not None and held[0] != pod and held[2] > now:
             raise LeaseHeld(held[0])
-        token = max(self._epochs.get(session_id, self._base) + 1, floor + 1)
-        self._epochs[session_id] = token
+        token = self._last = max(self._last + 1, floor + 1)
         self._leases[session_id] = (pod, token, now + ttl_s)
         return token
 

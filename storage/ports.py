@@ -159,6 +159,22 @@ async def save_durable(store: SnapshotStore, snapshot: Snapshot) -> None:
         await store.save_snapshot(snapshot)
 
 
+async def save_durable_checkpoint(storage: Storage, snapshot: Snapshot, record: SessionRecord, token: int) -> None:
+    """A durable checkpoint: the snapshot to the durable tier, then the session record (fenced by `token`).
+
+    When both live in one database that can take them in one write (`joint_checkpoint_writer`: the SQLite file),
+    they go in one transaction and one thread hop instead of two of each: a pause waits for this before its ack.
+    A fenced record then also refuses the snapshot (the two are written together or not at all).
+    """
+    finder = getattr(storage.snapshots, "joint_checkpoint_writer", None)
+    joint = finder(storage.sessions) if finder is not None else None
+    if joint is not None:
+        await joint(snapshot, record, token)
+        return
+    await save_durable(storage.snapshots, snapshot)
+    await storage.sessions.update_session(record, token)
+
+
 class Journal(Protocol):
     """The per-session change log. Implementations bound their own I/O time (socket / command timeouts) and
     raise StorageUnavailable when it runs out: the actor awaits `append` on every turn without a timeout of its own."""

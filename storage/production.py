@@ -14,7 +14,7 @@ Snapshots are always a `LayeredSnapshotStore`: `save_snapshot` writes the fast l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Protocol, cast
@@ -32,6 +32,7 @@ from storage.ports import (
     Leases,
     Membership,
     PubSub,
+    SessionRecord,
     SessionStore,
     Snapshot,
     SnapshotStore,
@@ -91,6 +92,19 @@ class LayeredSnapshotStore:
 
     async def save_durable(self, snapshot: Snapshot) -> None:
         await self.durable.save_snapshot(snapshot)
+
+    @property
+    def fast_trims_journal(self) -> bool:
+        """The fast layer trims the journal a snapshot covers in the same step (Redis with durability `redis`):
+        a separate trim after it would be a second round trip doing nothing."""
+        return self.fast is not self.durable and bool(getattr(self.fast, "trim_journal", False))
+
+    def joint_checkpoint_writer(
+        self, sessions: SessionStore
+    ) -> Callable[[Snapshot, SessionRecord, int], Awaitable[None]] | None:
+        """The durable layer's joint snapshot + record write, when it has one for `sessions` (ports)."""
+        finder = getattr(self.durable, "joint_checkpoint_writer", None)
+        return finder(sessions) if finder is not None else None
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
         if self.fast is self.durable:

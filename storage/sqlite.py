@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -312,6 +312,10 @@ class SqliteSessionStore:
         self._db = db
         self._fences = fences  # the in-memory journal's copy of the fences
 
+    @property
+    def db(self) -> SqliteDatabase:
+        return self._db
+
     async def create_session(self, record: SessionRecord) -> None:
         await self._db.run(functools.partial(_create_session, record=record))
 
@@ -369,23 +373,43 @@ def _save_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
     # the write share one transaction (this connection is the only writer of the file).
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _check_fence(conn, snapshot.session_id, snapshot.epoch)
-        conn.execute(
-            "INSERT INTO snapshots (session_id, version, state, status, active, acked, epoch)"
-            " VALUES (?,?,?,?,?,?,?)"
-            " ON CONFLICT (session_id) DO UPDATE SET version=excluded.version, state=excluded.state,"
-            " status=excluded.status, active=excluded.active, acked=excluded.acked, epoch=excluded.epoch"
-            " WHERE excluded.version >= snapshots.version",
-            (
-                snapshot.session_id,
-                snapshot.version,
-                _dumps(snapshot.state),
-                snapshot.status,
-                snapshot.active,
-                _dumps(snapshot.acked),
-                snapshot.epoch,
-            ),
-        )
+        _write_snapshot(conn, snapshot)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _write_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
+    """The fence check and the upsert, inside the caller's transaction."""
+    _check_fence(conn, snapshot.session_id, snapshot.epoch)
+    conn.execute(
+        "INSERT INTO snapshots (session_id, version, state, status, active, acked, epoch)"
+        " VALUES (?,?,?,?,?,?,?)"
+        " ON CONFLICT (session_id) DO UPDATE SET version=excluded.version, state=excluded.state,"
+        " status=excluded.status, active=excluded.active, acked=excluded.acked, epoch=excluded.epoch"
+        " WHERE excluded.version >= snapshots.version",
+        (
+            snapshot.session_id,
+            snapshot.version,
+            _dumps(snapshot.state),
+            snapshot.status,
+            snapshot.active,
+            _dumps(snapshot.acked),
+            snapshot.epoch,
+        ),
+    )
+
+
+def _save_snapshot_and_record(
+    conn: sqlite3.Connection, snapshot: Snapshot, record: SessionRecord, token: int
+) -> None:
+    """A durable checkpoint in one transaction: the snapshot (fenced by its epoch), then the record (by `token`)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _write_snapshot(conn, snapshot)
+        _update_session(conn, record, token)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -418,6 +442,18 @@ class SqliteSnapshotStore:
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         await self._db.run(functools.partial(_save_snapshot, snapshot=snapshot))
+
+    def joint_checkpoint_writer(
+        self, sessions: object
+    ) -> Callable[[Snapshot, SessionRecord, int], Awaitable[None]] | None:
+        """`save_with_record` when `sessions` keeps its records in this same file (ports.save_durable_checkpoint)."""
+        return self.save_with_record if isinstance(sessions, SqliteSessionStore) and sessions.db is self._db else None
+
+    async def save_with_record(self, snapshot: Snapshot, record: SessionRecord, token: int) -> None:
+        """Snapshot and session record in one transaction, one thread hop."""
+        await self._db.run(
+            functools.partial(_save_snapshot_and_record, snapshot=snapshot, record=record, token=token)
+        )
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
         return await self._db.run(functools.partial(_load_snapshot, session_id=session_id))

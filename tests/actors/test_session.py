@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -474,7 +476,7 @@ def test_restore_keeps_the_replay_window_bounded() -> None:
     journal = [Change(v, "a", v, inc()) for v in range(1, 21)]
     s = SessionState.restore(record(), None, journal, replay_window=5)
     assert s.version == 20 and s.state == {"n": 20}
-    assert [p["version"] for p in s.replay] == [16, 17, 18, 19, 20]
+    assert [orjson.loads(patch)["version"] for patch in s.replay] == [16, 17, 18, 19, 20]
     assert s.welcome("b", 14)["mode"] == "full"
     assert s.welcome("b", 15)["mode"] == "replay"
 
@@ -567,3 +569,27 @@ def test_rest_idempotency_keys_answer_retries_and_survive_restores() -> None:
         assert restored.state == {"n": 2}
     assert from_snapshot.claim("b", None, T, k3) == Accepted(2, "b") and from_snapshot.active == "a"
     assert s.change(REST_DEVICE, None, inc(), None, T) == Accepted(3)  # no key: applied every time
+
+
+def test_the_replay_window_holds_nothing_the_cyclic_gc_walks() -> None:
+    """Every session keeps up to replay_window patches: kept as dicts and lists they were long-lived containers
+    that lengthened and multiplied the GC's pauses (issue 9). Kept encoded; a replay welcome decodes them."""
+    s = with_devices("a", "b")
+    for i in range(1, 51):
+        s.change("a", i, [{"op": "set", "path": "/d/a", "value": {"t": i, "n": i}}], None, T)
+    s.take_effects()
+    assert len(s.replay) == 50 and not any(gc.is_tracked(patch) for patch in s.replay)
+    welcome = s.welcome("b", 47)
+    assert welcome["mode"] == "replay" and welcome["patches"] == [
+        {"t": "patch", "version": v, "device": "a", "ops": [{"op": "set", "path": "/d/a", "value": {"t": v, "n": v}}]}
+        for v in (48, 49, 50)
+    ]
+    tracemalloc.start()  # and each is an exact-size copy, not orjson's 4 KiB output buffer (dumps_kept)
+    try:
+        for i in range(51, 251):
+            s.change("a", i, [{"op": "inc", "path": "/n"}], None, T)
+        s.take_effects()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 200 * 1024, held  # 200 patches kept: about 0.2 KB each, not 4 KB

@@ -251,6 +251,42 @@ async def test_pause_and_claim_over_the_wire(env: Env) -> None:
     assert (described["status"], described["active"]) == ("paused", None)
 
 
+class SlowTrimJournal(CountingJournal):
+    """A journal whose trims wait until released: housekeeping no ack may wait for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+        self.trims: list[int] = []
+
+    async def trim(self, session_id: str, upto_version: int) -> None:
+        await self.release.wait()
+        self.trims.append(upto_version)
+        await self.inner.trim(session_id, upto_version)
+
+
+async def test_a_pause_is_acked_after_its_snapshot_not_after_the_journal_trim(nursery: trio.Nursery) -> None:
+    journal = SlowTrimJournal()
+    storage = make_env_storage(journal)
+    registry = make_registry(storage, CONFIG)
+    await nursery.start(registry.run)
+    env = Env(registry, storage, journal)
+    sid = await env.session({"n": 0})
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    actor.tell(ClaimRequest(a, 1))
+    actor.tell(ChangeRequest(a, 2, inc(), None))
+    actor.tell(PauseRequest(a, 3))
+    await settle()
+    assert [f["id"] for f in a.of("ack")] == [1, 2, 3]  # every trim is still blocked
+    snapshot = await storage.snapshots.load_snapshot(sid)
+    assert snapshot is not None and (snapshot.version, snapshot.status, snapshot.state) == (1, "paused", {"n": 1})
+    assert journal.trims == [] and [c.version for c in await journal.read_after(sid, 0)] == [1]
+    journal.release.set()
+    await settle()
+    assert journal.trims and max(journal.trims) == 1 and await journal.read_after(sid, 0) == []
+
+
 # ---- supervision --------------------------------------------------------------------------------------
 
 

@@ -456,3 +456,25 @@ def test_decode_server_message_rejects_non_frames(sp: str) -> None:
     for bad in ([1, 2], [{"t": 1}], {"x": 1}, "str"):
         with pytest.raises(ProtocolError):
             decode_server_message(enc(bad, sp), sp)
+
+
+def test_dumps_kept_holds_exact_size_bytes_not_orjsons_4_kib_buffers() -> None:
+    """orjson returns small outputs in a buffer of at least 4 KiB; what is kept (journal entries, replay patches,
+    buffered events) must be copied to its size, or 1000 kept 26-byte patches cost 4 MB."""
+    import tracemalloc
+
+    from protocol.codec import dumps_kept
+
+    ops = [{"op": "inc", "path": "/n"}]
+    assert dumps_kept(ops) == orjson.dumps(ops)
+    tracemalloc.start()
+    try:
+        kept = [dumps_kept(ops) for _ in range(1000)]
+        exact = tracemalloc.get_traced_memory()[0]
+        raw = [orjson.dumps(ops) for _ in range(1000)]
+        both = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == len(raw) == 1000
+    assert exact < 200_000, exact  # about 60 bytes each
+    assert both - exact > 10 * exact  # the measurement can tell: raw orjson outputs really are that large

@@ -3,7 +3,9 @@ is this process's memory (issue 8)."""
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 
 import orjson
 import pytest
@@ -76,3 +78,25 @@ async def test_lease_tokens_of_a_new_process_start_above_the_wall_clock() -> Non
     a = await leases.acquire("s2", "pod", 5.0)
     assert await leases.acquire("s2", "pod", 5.0) == a + 1  # and they grow per session as before
     assert await leases.acquire("s2", "pod", 5.0, floor=a + 10) == a + 11
+
+
+async def test_held_entries_are_not_tracked_by_the_cyclic_gc() -> None:
+    """Thousands of held changes must not become containers the GC walks (issue 9: its pauses made the delivery
+    tail): the journal keeps them encoded, and gives back equal changes."""
+    journal = MemoryJournal()
+    changes = [Change(v, "phone", v, [{"op": "set", "path": "/d/p", "value": {"t": v}}]) for v in range(1, 2001)]
+    gc.collect()
+    before = len(gc.get_objects())
+    await journal.append("s", changes)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    tracemalloc.start()  # each entry an exact-size copy, not orjson's 4 KiB output buffer (dumps_kept)
+    try:
+        await journal.append("t", [Change(v, "phone", v, [{"op": "inc", "path": "/n"}]) for v in range(1, 1001)])
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 500 * 1024, held  # 1000 entries: well under 0.5 KB each, not 4 KB
+    assert await journal.read_after("s", 1990) == changes[1990:]
+    await journal.trim("s", 1999)
+    assert await journal.read_after("s", 0) == changes[1999:] and journal.session_bytes("s") > 0

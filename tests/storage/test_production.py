@@ -313,3 +313,17 @@ async def test_postgres_mode_serves_through_a_redis_outage(tmp_path: Path, redis
             assert await storage.journal.read_after(s, 5) == []
             await proxy.start(nursery)
         proxy.cut()
+
+
+def test_only_a_fast_layer_that_trims_the_journal_itself_saves_the_checkpointer_its_trim() -> None:
+    """Redis (durability `redis`) trims the journal in the fast snapshot's own script; with any other layering the
+    checkpointer must still trim after the snapshot."""
+    from storage.memory import MemorySnapshotStore
+    from storage.redis_store import RedisSnapshotStore
+
+    durable = MemorySnapshotStore()
+    trimming = RedisSnapshotStore(None, trim_journal=True)  # type: ignore[arg-type]  # never called here
+    keeping = RedisSnapshotStore(None, trim_journal=False)  # type: ignore[arg-type]
+    assert LayeredSnapshotStore(trimming, durable).fast_trims_journal
+    assert not LayeredSnapshotStore(keeping, durable).fast_trims_journal
+    assert not LayeredSnapshotStore(durable, durable).fast_trims_journal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sqlite3
 import stat
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from storage.ports import SessionRecord, Snapshot, StorageUnavailable
+from storage.ports import Fenced, SessionRecord, Snapshot, StorageUnavailable, save_durable_checkpoint
 from storage.sqlite import DB_FILE, MIGRATIONS, open_sqlite_storage
 
 
@@ -152,3 +153,34 @@ async def test_corrupt_file_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StorageUnavailable):
         async with open_sqlite_storage(tmp_path):
             pass
+
+
+async def test_durable_checkpoint_is_one_transaction_in_one_thread_hop(tmp_path: Path) -> None:
+    """A pause waits for its durable checkpoint: snapshot and session record go in one write (issue 9)."""
+    async with open_sqlite_storage(tmp_path / "data") as storage:
+        await storage.sessions.create_session(record("s1"))
+        await storage.sessions.fence("s1", 3)
+        db = storage.sessions.db  # type: ignore[attr-defined]
+        hops = 0
+        run_raw = db._run_raw
+
+        async def counting(fn: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return await run_raw(fn)
+
+        db._run_raw = counting
+        snap = Snapshot("s1", 7, {"n": 7}, "paused", None, {"a": [[4, 7]]}, epoch=3)
+        paused = dataclasses.replace(record("s1"), status="paused", version=7)
+        await save_durable_checkpoint(storage, snap, paused, 3)
+        assert hops == 1
+        assert await storage.snapshots.load_snapshot("s1") == snap
+        assert await storage.sessions.get_session("s1") == paused
+
+        # A writer whose token is older than the fence writes neither the snapshot nor the record.
+        await storage.sessions.fence("s1", 5)
+        stale = Snapshot("s1", 9, {"n": 9}, "active", "b", epoch=5)  # the snapshot alone would pass the fence
+        with pytest.raises(Fenced):
+            await save_durable_checkpoint(storage, stale, dataclasses.replace(paused, version=9), 3)
+        assert await storage.snapshots.load_snapshot("s1") == snap
+        assert await storage.sessions.get_session("s1") == paused
