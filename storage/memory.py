@@ -229,6 +229,7 @@ class MemoryJournal:
 
     async def delete(self, session_id: str) -> None:
         self._held.pop(session_id, None)
+        self.fences.forget(session_id)  # the session ended: nothing may write for it any more (the soak's churn)
 
     async def holds_changes(self) -> bool:
         return any(held.versions for held in self._held.values())
