@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import orjson
+import trio
 from quart import Response, redirect, request, send_file
 from quart_trio import QuartTrio
 
@@ -82,6 +84,22 @@ def safe_relative(sub: str) -> str | None:
     return "/".join(parts)
 
 
+def locate(root: Path | None, rel: str) -> tuple[Path, str] | Literal["not built", "not found"]:
+    """The file to serve for `rel` (already `safe_relative`) and the path its cache rule goes by, or why there is
+    none ("not built": no index.html in `root`). Unknown paths that are not files get index.html (the app routes on the
+    client), except under assets/ (never HTML where a script was expected) or outside the dir (symlinks)."""
+    if root is None or not (root / "index.html").is_file():
+        return "not built"
+    if rel:
+        path = root / rel
+        inside = path.resolve().is_relative_to(root.resolve())
+        if inside and path.is_file():
+            return path, rel
+        if not inside or rel.startswith("assets/"):
+            return "not found"
+    return root / "index.html", "index.html"
+
+
 def register_web(app: QuartTrio, settings: Settings, ws_port: Callable[[], int]) -> None:
     """GET /app/... (the PWA), /app/config.json (where the WebSocket is), and / -> /app/ when there is an app.
 
@@ -93,9 +111,6 @@ def register_web(app: QuartTrio, settings: Settings, ws_port: Callable[[], int])
         response = Response(text, status=status, content_type="text/plain; charset=utf-8")
         response.headers["Cache-Control"] = "no-store"
         return response
-
-    def built() -> Path | None:
-        return root if root is not None and (root / "index.html").is_file() else None
 
     async def send(path: Path, rel: str) -> Response:
         response = await send_file(path, mimetype=mime_type(path.name), conditional=True)
@@ -121,21 +136,18 @@ def register_web(app: QuartTrio, settings: Settings, ws_port: Callable[[], int])
     @app.route("/app/", defaults={"sub": ""}, methods=["GET", "HEAD"])
     @app.route("/app/<path:sub>", methods=["GET", "HEAD"])
     async def app_files(sub: str) -> Response:
-        base = built()
-        if base is None:
-            where = f"{root}: no index.html there" if root is not None else "unset, and web/dist was not built"
-            return plain(NOT_BUILT.format(where=where), 404)
         rel = safe_relative(sub)
         if rel is None:
             return plain("not found\n", 404)
-        if rel:
-            path = base / rel
-            inside = path.resolve().is_relative_to(base.resolve())
-            if inside and path.is_file():
-                return await send(path, rel)
-            if not inside or rel.startswith("assets/"):
-                return plain("not found\n", 404)
-        return await send(base / "index.html", "index.html")  # the client routes every other path
+        # The disk is looked at in a worker thread (stat and realpath block), once per request.
+        found = await trio.to_thread.run_sync(locate, root, rel)
+        if found == "not built":
+            where = f"{root}: no index.html there" if root is not None else "unset, and web/dist was not built"
+            return plain(NOT_BUILT.format(where=where), 404)
+        if found == "not found":
+            return plain("not found\n", 404)
+        path, served_as = found
+        return await send(path, served_as)
 
     if root is not None:
 

@@ -289,6 +289,14 @@ _PARSERS: dict[str, Callable[[dict[str, JSON]], ClientFrame]] = {
 }
 
 
+def _loads(data: str | bytes, subprotocol: str) -> JSON:
+    if subprotocol == JSON_SUBPROTOCOL:
+        return _loads_json(data)
+    if subprotocol == MSGPACK_SUBPROTOCOL:
+        return _loads_msgpack(data)
+    raise ValueError(f"unknown subprotocol {subprotocol!r}")
+
+
 def decode(data: str | bytes, subprotocol: str) -> ClientFrame:
     """Parse and validate one client frame. Raises only ProtocolError (`bad_frame`; `invalid_op` for an op whose
     value nests too deeply).
@@ -297,12 +305,7 @@ def decode(data: str | bytes, subprotocol: str) -> ClientFrame:
     The error carries the frame's `id` whenever a valid one could be read. An unknown `subprotocol`
     is the caller's bug and raises ValueError.
     """
-    if subprotocol == JSON_SUBPROTOCOL:
-        obj = _loads_json(data)
-    elif subprotocol == MSGPACK_SUBPROTOCOL:
-        obj = _loads_msgpack(data)
-    else:
-        raise ValueError(f"unknown subprotocol {subprotocol!r}")
+    obj = _loads(data, subprotocol)
     if type(obj) is not dict:
         raise _bad("a frame must be an object")
     kind = obj.get("t")
@@ -320,12 +323,7 @@ def decode(data: str | bytes, subprotocol: str) -> ClientFrame:
 
 def decode_server_message(data: str | bytes, subprotocol: str) -> list[dict[str, JSON]]:
     """Client side / tests: one server message (a frame or a batch array) as a list of frame dicts."""
-    if subprotocol == JSON_SUBPROTOCOL:
-        obj = _loads_json(data)
-    elif subprotocol == MSGPACK_SUBPROTOCOL:
-        obj = _loads_msgpack(data)
-    else:
-        raise ValueError(f"unknown subprotocol {subprotocol!r}")
+    obj = _loads(data, subprotocol)
     frames = obj if type(obj) is list else [obj]
     for frame in frames:
         if type(frame) is not dict or type(frame.get("t")) is not str:
