@@ -175,6 +175,8 @@ class SessionActor:
         rate whatever the reading pattern, so several readers (Prometheus, `sessiond top`) do not disturb it."""
         now = time.monotonic() if now is None else now
         dt = now - self._rate_at
+        if not self._rate_known and 0 < dt < RATE_MIN_DT_S:
+            return self.changes / dt  # a young actor: the average so far, not yet kept (a 0 here hid a busy actor)
         if dt >= RATE_MIN_DT_S:
             recent = (self.changes - self._rate_count) / dt
             if self._rate_known:

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.config import ActorConfig
 from actors.metrics import HotActorsCollector, HotRow, select_hot
-from actors.session_actor import RATE_TAU_S, SessionActor
+from actors.session_actor import RATE_MIN_DT_S, RATE_TAU_S, SessionActor
 from tests.integration.harness import Harness, raw_device, start_server
 
 FAMILIES = (
@@ -121,6 +121,16 @@ async def test_change_rate_is_a_recent_average_whoever_reads_it() -> None:
     # it stops: the average decays with time constant RATE_TAU_S
     assert actor.change_rate(t0 + 5 + RATE_TAU_S) == pytest.approx(10.0 / 2.718281828, rel=1e-3)
     assert actor.change_rate(t0 + 5 + RATE_TAU_S + 0.01) == actor.change_rate(t0 + 5 + RATE_TAU_S)  # too soon
+
+
+async def test_a_young_actor_reads_its_average_so_far_not_zero() -> None:
+    """A scrape within RATE_MIN_DT_S of activation once showed a busy actor at 0 changes/s (CI, a fast run)."""
+    actor = SessionActor("s", None, ActorConfig(), None, lambda _: None)  # type: ignore[arg-type]
+    t0 = actor._rate_at
+    actor.changes = 30
+    assert actor.change_rate(t0 + RATE_MIN_DT_S / 2) == pytest.approx(30 / (RATE_MIN_DT_S / 2))
+    actor.changes = 40  # not kept: the first full reading is still the average since activation
+    assert actor.change_rate(t0 + 2) == pytest.approx(20.0)
 
 
 # ---- a real server ----------------------------------------------------------------------------------------------
