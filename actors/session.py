@@ -9,6 +9,8 @@ Tests and the hypothesis model drive this class directly, without trio or socket
 from __future__ import annotations
 
 import hashlib
+from array import array
+from bisect import bisect_left
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,10 +25,58 @@ from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any
 REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id, so never mistaken for one
-ACKED_PER_DEVICE = 512  # answers (op id -> version) remembered per device for idempotent retransmits
-ACKED_IN_SNAPSHOT = 64  # per device, the newest ones; the last is the device's high-water mark
+ACKED_PER_DEVICE = 64  # answers (op id -> version) remembered per device, live and in snapshots alike
+ACKED_IN_SNAPSHOT = ACKED_PER_DEVICE  # kept as a name: the newest ones; the last is the device's high-water mark
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
+ANSWERS_OVERHEAD_BYTES = 400  # per remembered device: its id string, the Answers object, two arrays, a dict slot
 REST_KEYS = 1024  # REST Idempotency-Keys remembered per session (live and in snapshots), oldest dropped
+
+
+class Answers:
+    """One device's newest answered op ids (increasing: op ids only grow per device) and their versions.
+
+    Two flat int64 arrays, 16 bytes an answer: as an OrderedDict of ints, 512 answers for each of 256 devices
+    came to ~13 MB per session, and a soak's hostile clients (fresh device ids) filled it (issue 8).
+    """
+
+    __slots__ = ("ids", "versions")
+
+    def __init__(self, pairs: list[tuple[int, int]] | None = None) -> None:
+        self.ids = array("q")
+        self.versions = array("q")
+        for op_id, version in pairs or ():
+            self.add(op_id, version)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Answers) and self.ids == other.ids and self.versions == other.versions
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def high(self) -> int:
+        """The high-water mark: every id at or below it was answered."""
+        return self.ids[-1]
+
+    def add(self, op_id: int, version: int) -> int:
+        """Remember an answer; returns how many answers this added net (0 when the oldest was dropped)."""
+        if self.ids and op_id <= self.ids[-1]:
+            return 0  # not newer than the high-water mark: it is answered already (keeps the arrays sorted)
+        self.ids.append(op_id)
+        self.versions.append(version)
+        if len(self.ids) > ACKED_PER_DEVICE:
+            del self.ids[0]
+            del self.versions[0]
+            return 0
+        return 1
+
+    def answer(self, op_id: int) -> int:
+        """The version acked for `op_id` (at or below `high`): its own if kept, else the next kept id's, an upper
+        bound of its own."""
+        return self.versions[bisect_left(self.ids, op_id)]
+
+    def pairs(self) -> list[list[int]]:
+        return [[i, v] for i, v in zip(self.ids, self.versions, strict=True)]
 
 
 def rest_key(idempotency_key: str) -> int:
@@ -158,7 +208,8 @@ class SessionState:
     replay: deque[bytes] = field(default_factory=deque)
     replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
     replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
-    acked: OrderedDict[str, OrderedDict[int, int]] = field(default_factory=OrderedDict)
+    acked: OrderedDict[str, Answers] = field(default_factory=OrderedDict)
+    acked_count: int = 0  # answers held in `acked`, for the memory budget (acked_bytes)
     rest_keys: OrderedDict[int, int] = field(default_factory=OrderedDict)  # hashed Idempotency-Key -> version
     approx_bytes: int = 0
     checkpointed_version: int = 0
@@ -209,7 +260,8 @@ class SessionState:
                 if device == REST_DEVICE:  # Idempotency-Keys: no order among them, oldest first as saved
                     s.rest_keys = OrderedDict((int(i), int(v)) for i, v in pairs)
                 else:
-                    s.acked[device] = OrderedDict(sorted((int(i), int(v)) for i, v in pairs))
+                    answers = s.acked[device] = Answers(sorted((int(i), int(v)) for i, v in pairs))
+                    s.acked_count += len(answers)
         s.checkpointed_version = s.version
         for change in journal:
             if change.version <= s.version:
@@ -235,10 +287,7 @@ class SessionState:
             status=self.status,
             active=self.active,
             acked={
-                **{
-                    device: [[i, v] for i, v in reversed(list(islice(reversed(ids.items()), ACKED_IN_SNAPSHOT)))]
-                    for device, ids in self.acked.items()
-                },
+                **{device: answers.pairs() for device, answers in self.acked.items()},
                 **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
             },
         )
@@ -462,17 +511,15 @@ class SessionState:
         """The original answer to a retransmitted request: its ack again, nothing applied (DESIGN §3).
 
         Op ids only grow per device, so an id at or below the device's high-water mark was answered before. Its
-        exact version is kept for the newest ACKED_PER_DEVICE (ACKED_IN_SNAPSHOT after a restore); an older one
-        is acked with the version of the next answered id, an upper bound of its own.
+        exact version is kept for the newest ACKED_PER_DEVICE (live and after a restore); an older one is acked
+        with the version of the next answered id, an upper bound of its own.
         """
         if device == REST_DEVICE:  # an Idempotency-Key: exact match only (keys do not grow)
             return self.rest_keys.get(op_id)
         known = self.acked.get(device)
-        if not known or op_id > next(reversed(known)):
+        if not known or op_id > known.high:
             return None
-        version = known.get(op_id)
-        if version is None:
-            version = next(v for i, v in known.items() if i > op_id)
+        version = known.answer(op_id)
         self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": version}))
         return version
 
@@ -482,16 +529,19 @@ class SessionState:
             if len(self.rest_keys) > REST_KEYS:
                 self.rest_keys.popitem(last=False)
             return
-        ids = self.acked.get(device)
-        if ids is None:
-            ids = self.acked[device] = OrderedDict()
+        answers = self.acked.get(device)
+        if answers is None:
+            answers = self.acked[device] = Answers()
             if len(self.acked) > ACKED_DEVICES:
-                self.acked.popitem(last=False)
+                self.acked_count -= len(self.acked.popitem(last=False)[1])
         else:
             self.acked.move_to_end(device)
-        ids[op_id] = version
-        if len(ids) > ACKED_PER_DEVICE:
-            ids.popitem(last=False)
+        self.acked_count += answers.add(op_id, version)
+
+    @property
+    def acked_bytes(self) -> int:
+        """About what the remembered answers take (counted in the memory budget, §5.5)."""
+        return len(self.acked) * ANSWERS_OVERHEAD_BYTES + self.acked_count * 16
 
     def _patch(self, device: str, ops: list[dict[str, JSON]]) -> dict[str, JSON]:
         return {"t": "patch", "version": self.version, "device": device, "ops": ops}

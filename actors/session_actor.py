@@ -191,9 +191,9 @@ class SessionActor:
 
     @property
     def state_bytes(self) -> int:
-        """Estimated memory of the live state (state + replay window)."""
+        """Estimated memory of the live state (state, replay window, remembered op-id answers)."""
         state = self.state
-        return state.approx_bytes + state.replay_bytes if state is not None else 0
+        return state.approx_bytes + state.replay_bytes + state.acked_bytes if state is not None else 0
 
     @property
     def budget_bytes(self) -> int:

@@ -31,6 +31,7 @@ from storage.memory import (
 )
 from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageUnavailable
 
+EMBEDDED_EVENTS = 256  # lifecycle events an embedded pod keeps in memory (nothing reads more; 10k held MBs)
 DB_FILE = "sessiond.db"
 BUSY_TIMEOUT_MS = 5_000
 
@@ -475,7 +476,7 @@ async def open_sqlite_storage(data_dir: Path) -> AsyncIterator[Storage]:
             sessions=SqliteSessionStore(db, fences),
             snapshots=SqliteSnapshotStore(db),
             journal=MemoryJournal(fences),
-            events=MemoryEventSink(),
+            events=MemoryEventSink(EMBEDDED_EVENTS),  # no broker: the newest few, for a debugger only
             health=(db,),
             # A cluster of one: the file and the in-memory journal belong to this process alone.
             leases=MemoryLeases(),

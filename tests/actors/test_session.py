@@ -417,8 +417,8 @@ def test_old_op_ids_are_answered_not_applied_after_a_restore() -> None:
     assert len(snap.acked["a"]) == ACKED_IN_SNAPSHOT < sent
     version, state = restored.version, orjson.loads(orjson.dumps(restored.state))
     assert (version, state) == (2 * sent + 1, {"n": sent + 1, "m": sent})
-    oldest_kept = sent - ACKED_IN_SNAPSHOT + 1
-    for old in (1, 2, sent // 3, oldest_kept - 1):  # older than every id the snapshot kept
+    oldest_kept = sent + 1 - ACKED_IN_SNAPSHOT + 1  # the newest ACKED_PER_DEVICE, the journal's one included
+    for old in (1, 2, sent // 3, oldest_kept - 1):  # older than every id kept
         result = restored.change("a", old, inc(), None, T)
         assert isinstance(result, Accepted), result
         assert 2 * old - 1 <= result.version <= 2 * oldest_kept - 1
@@ -505,11 +505,35 @@ def test_acked_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     s = new_state()
     for i in range(5):
         s.change("a", i, inc(), None, T)
-    assert list(s.acked["a"]) == [2, 3, 4]
+    assert s.acked["a"].ids.tolist() == [2, 3, 4] and s.acked_count == 3
     s.change("b", 0, inc(), None, T)
     s.change("a", 5, inc(), None, T)  # a becomes the most recent
     s.change("c", 0, inc(), None, T)
     assert list(s.acked) == ["a", "c"]
+    assert s.acked_count == 4  # b's answer went with b
+    assert s.acked_bytes == 2 * session.ANSWERS_OVERHEAD_BYTES + 4 * 16
+
+
+def test_many_devices_answers_stay_small_and_are_counted() -> None:
+    """Issue 8 soak: hostile clients joining with fresh device ids filled up to ~13 MB of answers per session,
+    outside the memory budget. Now at most ACKED_DEVICES x ACKED_PER_DEVICE int64 pairs, and counted."""
+    import tracemalloc
+
+    from actors.session import ACKED_DEVICES, ACKED_PER_DEVICE
+
+    s = new_state()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for device in range(ACKED_DEVICES + 50):
+        for op_id in range(ACKED_PER_DEVICE + 10):
+            s._remember(f"dev-{device:04d}", op_id, op_id + 1)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(s.acked) == ACKED_DEVICES and s.acked_count == ACKED_DEVICES * ACKED_PER_DEVICE
+    assert held < 1.5 * s.acked_bytes, (held, s.acked_bytes)  # the estimate the budget uses is honest
+    assert s.acked_bytes < 512 << 10
+    assert s.acked["dev-0299"].answer(ACKED_PER_DEVICE) == ACKED_PER_DEVICE + 1
+    assert s.acked["dev-0299"].answer(0) == 11  # dropped: the oldest kept id's version, an upper bound
 
 
 def test_restore_stops_at_a_journal_gap_and_says_so() -> None:
