@@ -69,6 +69,7 @@ def ws_config(settings: Settings) -> WsConfig:
         idle_timeout_s=settings.idle_timeout_s,
         send_queue_frames=settings.send_queue_frames,
         send_queue_bytes=settings.send_queue_bytes,
+        fast_path=settings.ws_fast_path,
         max_connections_per_user=settings.max_connections_per_user,
     )
 

@@ -73,6 +73,7 @@ class Settings:
     idle_timeout_s: float = 60.0
     send_queue_frames: int = 1024
     send_queue_bytes: int = 8 << 20
+    ws_fast_path: bool = True  # write frames straight to plain-TCP sockets (issue 9); 0 keeps trio-websocket's path
     mailbox_size: int = 4096
     replay_window: int = 1000
     passivate_after_s: float = 300.0

@@ -64,6 +64,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--postgres", action="store_true", help="sessiond with PostgreSQL (database sessiond_bench)")
     p.add_argument("--durability", choices=["memory", "redis", "postgres"],
                    help="SESSIOND_DURABILITY for sessiond (postgres implies --postgres)")
+    p.add_argument("--set", action="append", default=[], metavar="SESSIOND_X=V",
+                   help="an extra setting for the sessiond it starts (repeatable), e.g. SESSIOND_WS_FAST_PATH=0")
     p.add_argument("--results", type=Path, help="results folder (default bench/results/<timestamp>-<scenario>)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
@@ -114,6 +116,7 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
             return await scenario(target, opts, _progress(bar))
         try:
             extra = {"SESSIOND_DURABILITY": args.durability} if args.durability else {}
+            extra.update(_settings(args.set))
             if args.scenario == SOAK:
                 extra.update(SOAK_ENV)
             async with running_target(name, workdir, cpus=server_cpus, redis=args.redis or args.durability == "redis",
@@ -194,3 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nFAILED: {line}")
     print(f"\nresults: {directory}")
     return 1 if broken or any("failed" in r for r in payload["results"].values()) else 0
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    """`--set SESSIOND_X=V` pairs as environment entries; anything else is a usage error."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("SESSIOND_"):
+            raise SystemExit(f"--set wants SESSIOND_NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env

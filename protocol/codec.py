@@ -351,6 +351,15 @@ def encode(frame: dict[str, JSON], subprotocol: str) -> str | bytes:
     raise ValueError(f"unknown subprotocol {subprotocol!r}")
 
 
+def encode_bytes(frame: dict[str, JSON], subprotocol: str) -> bytes:
+    """One server frame as the bytes of its WebSocket payload (JSON as UTF-8): what the send fast path frames."""
+    if subprotocol == JSON_SUBPROTOCOL:
+        return orjson.dumps(frame)
+    if subprotocol == MSGPACK_SUBPROTOCOL:
+        return _encode_msgpack(frame)
+    raise ValueError(f"unknown subprotocol {subprotocol!r}")
+
+
 class Encoded:
     """One server→client frame, encoded lazily and at most once per format, shared by every recipient.
 
@@ -408,6 +417,8 @@ def join_batch(items: Sequence[str | bytes], subprotocol: str) -> str | bytes:
     if count == 0:
         raise ValueError("empty batch")
     if subprotocol == JSON_SUBPROTOCOL:
+        if isinstance(items[0], bytes):  # payload bytes (the server's send path)
+            return b"[" + b",".join(items) + b"]"  # type: ignore[arg-type]
         return "[" + ",".join(items) + "]"  # type: ignore[arg-type]
     if subprotocol == MSGPACK_SUBPROTOCOL:
         return _msgpack_array_header(count) + b"".join(items)  # type: ignore[arg-type]

@@ -3,8 +3,14 @@
 The actor (on this pod, or relayed from the owner pod) calls `deliver` synchronously; the frame is encoded right
 then (once per format, shared through `Outgoing.encoded`), so a welcome always shows the state of its version.
 What a full queue means is decided here, where the device is (transport/sendqueue.py): drop what a welcome
-supersedes and ask the actor for one, or evict a device that still cannot keep up. The writer sends everything
-queued as one message (an array) per wake-up: fewer writes per frame is where the transport's speed comes from.
+supersedes and ask the actor for one, or evict a device that still cannot keep up. Everything queued goes out as
+one message (an array) per write: fewer writes per frame is where the transport's speed comes from.
+
+The fast path (issue 9): on a plain TCP connection (transport/directstream.py) nothing wakes the connection's own
+task. `deliver` only queues and marks the connection for the server's `Flusher`, whose single task runs once the
+actor's turn has yielded and writes each marked connection's queue as one complete WebSocket frame, straight to
+the socket. Only what the kernel does not take wakes the connection's writer task, which waits for the socket;
+the queue keeps bounding what a slow device holds, so it never stalls its session or its neighbours.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from actors.messages import Outgoing
 from protocol import codec, codes
 from transport import metrics
+from transport.directstream import DirectStream
 from transport.sendqueue import Push, SendQueue
+from transport.wsframe import data_frame
 
 MAX_BATCH_FRAMES = 256
 MAX_BATCH_BYTES = 256 * 1024
@@ -30,12 +38,42 @@ MAX_AWAITED_ACKS = 1024  # requests timed for the ack latency metric per connect
 _ids = itertools.count(1)
 
 
-def encode_for(out: Outgoing, subprotocol: str) -> str | bytes:
-    """Encode once per format, however many devices receive the frame."""
+def encode_for(out: Outgoing, subprotocol: str) -> bytes:
+    """Encode once per format, however many devices receive the frame: the payload bytes (JSON as UTF-8)."""
     data = out.encoded.get(subprotocol)
     if data is None:
-        data = out.encoded[subprotocol] = codec.encode(out.frame, subprotocol)
-    return data
+        data = out.encoded[subprotocol] = codec.encode_bytes(out.frame, subprotocol)
+    return data  # type: ignore[return-value]  # only bytes are stored here
+
+
+class Flusher:
+    """Writes what the actors' turns queued for connections whose writer sleeps: one task for the whole server,
+    woken at most once per scheduler pass however many devices and sessions got frames (the fast path)."""
+
+    def __init__(self) -> None:
+        self._marked: list[Connection] = []
+        self._parked: trio.lowlevel.Task | None = None
+
+    def mark(self, conn: Connection) -> None:
+        self._marked.append(conn)
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    async def run(self) -> None:
+        while True:
+            if not self._marked:
+                self._parked = trio.lowlevel.current_task()
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    self._parked = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            marked, self._marked = self._marked, []
+            for conn in marked:
+                conn.flush()
 
 
 class Connection:
@@ -50,10 +88,17 @@ class Connection:
         *,
         pod: str = "",
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        flusher: Flusher | None = None,
     ) -> None:
         self.ws = ws
         self._device = device
         self.subprotocol = subprotocol
+        self._binary = subprotocol != codec.JSON_SUBPROTOCOL
+        # The fast path needs both: our stream under trio-websocket (plain TCP), and a flusher to write for us.
+        stream = getattr(ws, "_stream", None)  # trio-websocket keeps the stream it was given here (pinned)
+        self._direct: DirectStream | None = stream if flusher is not None and isinstance(stream, DirectStream) else None
+        self._flusher = flusher
+        self._marked = False  # waiting in the flusher's list
         self.conn_id = next(_ids)
         self._link_id = f"{pod}/{self.conn_id}"
         self.queue = SendQueue(queue_limit, queue_bytes)
@@ -93,10 +138,10 @@ class Connection:
         if outcome is Push.QUEUED:
             if kind == "patch" and not self._patch_born:
                 self._patch_born = out.born  # a dropped patch (superseded by a welcome) is not timed
-            self._wake()
+            self._kick()
         elif outcome is Push.RESYNC:
             metrics.SLOW_CONSUMERS.labels("resync").inc()
-            self._wake()
+            self._kick()
             if self.on_resync is not None:
                 self.on_resync()
         elif outcome is Push.EVICT:
@@ -107,7 +152,7 @@ class Connection:
         metrics.SLOW_CONSUMERS.labels("disconnect").inc()
         metrics.CLOSES.labels(str(codes.SLOW_CONSUMER)).inc()
         error = codec.error_frame(codes.E_SLOW_CONSUMER, "could not keep up; resume when ready")
-        self.queue.push_final(error.for_subprotocol(self.subprotocol))
+        self.queue.push_final(_payload(error.for_subprotocol(self.subprotocol)))
         self.close(codes.SLOW_CONSUMER, "slow_consumer")
 
     def close(self, code: int, reason: str) -> None:
@@ -130,9 +175,48 @@ class Connection:
     def send_nowait(self, frame: codec.Encoded) -> None:
         """A connection-level frame (error, authed) from the reader; never superseded, bounded like the rest."""
         if self.close_request is None:
-            if self.queue.push(frame.frame["t"], frame.for_subprotocol(self.subprotocol)) is Push.EVICT:
+            if self.queue.push(frame.frame["t"], _payload(frame.for_subprotocol(self.subprotocol))) is Push.EVICT:
                 self.evict()
+            self._kick()
+
+    def _kick(self) -> None:
+        """Get queued frames moving: the flusher writes them after this turn (fast path), else the writer."""
+        if self._direct is None or self._parked is None:
+            self._wake()  # no fast path, or the writer is awake anyway and takes the queue when done
+        elif not self._marked:
+            self._marked = True
+            self._flusher.mark(self)  # type: ignore[union-attr]  # set whenever _direct is
+
+    def flush(self) -> None:
+        """The fast path, called by the flusher: write the queue now, as whole frames, while the kernel takes
+        them; hand whatever remains to the writer task."""
+        self._marked = False
+        stream = self._direct
+        queue = self.queue
+        if stream is None or self._parked is None or not queue:
+            return  # the writer is awake (it takes the queue) or nothing is left
+        if self.close_request is not None or self.ws.closed is not None or stream.pending_bytes:
+            self._wake()  # closing, or a frame is half written: the writer's job
+            return
+        try:
+            while queue and not stream.pending_bytes:
+                self._write_batch(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone: the writer finds out and ends the connection
+        if queue or stream.pending_bytes or not stream.usable:
             self._wake()
+
+    def _write_batch(self, stream: DirectStream) -> None:
+        born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
+        self._patch_born = 0.0
+        batch = self.queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
+        stream.write_nowait(data_frame(codec.join_batch(batch, self.subprotocol), binary=self._binary))  # type: ignore[arg-type]
+        hot = metrics.HOT
+        hot.frames_out += len(batch)
+        hot.messages_out += 1
+        if born:
+            age = time.time() - born
+            metrics.DELIVERY_LATENCY.observe(age if age > 0.0 else 0.0)  # relayed: two pods' clocks may disagree
 
     def _wake(self) -> None:
         task = self._parked
@@ -155,15 +239,24 @@ class Connection:
         hot = metrics.HOT
         delivery = metrics.DELIVERY_LATENCY
         queue = self.queue
+        direct = self._direct
         try:
             while True:
-                if not queue and self.close_request is None:
+                if not queue and self.close_request is None and not (direct and direct.pending_bytes):
                     await self._park()
-                while queue:
+                if direct is not None:
+                    await direct.drain()
+                    while queue and self.ws.closed is None:
+                        self._write_batch(direct)
+                        await direct.drain()
+                    if self.ws.closed is not None:
+                        return  # closed under us (the peer's close frame): no data frame may follow it
+                while queue and direct is None:
                     born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
                     self._patch_born = 0.0
                     batch = queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
-                    await self.ws.send_message(codec.join_batch(batch, self.subprotocol))
+                    payload = codec.join_batch(batch, self.subprotocol)
+                    await self.ws.send_message(payload if self._binary else payload.decode())  # type: ignore[union-attr]
                     hot.frames_out += len(batch)
                     hot.messages_out += 1
                     if born:
@@ -174,8 +267,17 @@ class Connection:
                     with trio.move_on_after(2):
                         await self.ws.aclose(code, reason)
                     return
-        except ConnectionClosed:
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             return
         finally:
+            if direct is not None and direct.pending_bytes and self.close_request is not None:
+                # Cut by the close grace while the peer does not read: reset the connection. Left to
+                # trio-websocket, its own close (1000, "normal") would wait behind our bytes and tell a device
+                # that was evicted that all was well.
+                direct.abort()
             self.closed.set()
             self.cancel_scope.cancel()
+
+
+def _payload(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from actors.messages import (
     ActorRef,
@@ -33,7 +34,8 @@ from actors.router import Router
 from protocol import codec, codes
 from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
 from transport import metrics
-from transport.connection import Connection
+from transport.connection import Connection, Flusher
+from transport.directstream import DirectListener
 from transport.ratelimit import TokenBucket
 
 log = structlog.get_logger("sessiond.ws")
@@ -74,6 +76,7 @@ class WsConfig:
     send_queue_frames: int = 1024
     send_queue_bytes: int = 8 << 20
     max_connections_per_user: int = 200  # on this pod
+    fast_path: bool = True  # plain TCP: frames written straight to the socket (transport/directstream.py)
 
 
 class WebSocketServer:
@@ -94,34 +97,47 @@ class WebSocketServer:
         self.per_user: Counter[str] = Counter()  # open connections by JWT subject (the per-user quota)
         self.port: int | None = None
         self._listener_scope = trio.CancelScope()
+        self.flusher = Flusher() if config.fast_path and ssl_context is None else None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop_accepting()`; then wait for the open connections to end."""
-        async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as outer:
+            if self.flusher is not None:
+                outer.start_soon(self.flusher.run)  # outlives every connection that may mark it
+            async with trio.open_nursery() as handlers:
+                port = await handlers.start(self._listen, handlers)
+                self.port = port
+                task_status.started(port)
+            outer.cancel_scope.cancel()
 
-            async def listen(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-                with self._listener_scope:
-                    await serve_websocket(
-                        self.handle,
-                        self.config.host,
-                        self.config.port,
-                        self.ssl_context,
-                        handler_nursery=handlers,
-                        # Frames over max_frame_bytes get a `too_large` error and the connection stays; only
-                        # far larger ones are cut by the library (1009) before we buffer them.
-                        max_message_size=self.config.max_frame_bytes * 2,
-                        connect_timeout=self.config.hello_timeout_s,
-                        disconnect_timeout=5,
-                        # A few parsed messages may wait for our reader: the library's reader task then parses a
-                        # burst without a task switch per frame (measured: CPU/delivered msg -6 %). Bounded:
-                        # 4 x 2 x max_frame_bytes per connection at worst.
-                        message_queue_size=4,
-                        task_status=task_status,
-                    )
-
-            server = await handlers.start(listen)
-            self.port = server.port
-            task_status.started(server.port)
+    async def _listen(self, handlers: trio.Nursery, *, task_status: trio.TaskStatus[int]) -> None:
+        """trio-websocket's `serve_websocket`, with our listeners: plain TCP ones hand out DirectStreams."""
+        listeners: list[Any]
+        if self.ssl_context is not None:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                self.config.port, self.ssl_context, host=self.config.host, https_compatible=True
+            )
+            port = listeners[0].transport_listener.socket.getsockname()[1]  # type: ignore[attr-defined]
+        else:
+            tcp = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+            port = tcp[0].socket.getsockname()[1]
+            listeners = [DirectListener(one) for one in tcp] if self.flusher is not None else list(tcp)
+        server = trio_websocket.WebSocketServer(
+            self.handle,
+            listeners,
+            handler_nursery=handlers,
+            # Frames over max_frame_bytes get a `too_large` error and the connection stays; only
+            # far larger ones are cut by the library (1009) before we buffer them.
+            max_message_size=self.config.max_frame_bytes * 2,
+            connect_timeout=self.config.hello_timeout_s,
+            disconnect_timeout=5,
+            # A few parsed messages may wait for our reader: the library's reader task then parses a
+            # burst without a task switch per frame (measured: CPU/delivered msg -6 %). Bounded:
+            # 4 x 2 x max_frame_bytes per connection at worst.
+            message_queue_size=4,
+        )
+        with self._listener_scope:
+            await server.run(task_status=_Started(task_status, port))
 
     def stop_accepting(self) -> None:
         self._listener_scope.cancel()
@@ -216,7 +232,8 @@ class WebSocketServer:
             await self.on_user(claims.sub)
         cfg = self.config
         conn = Connection(
-            ws, hello.device, subprotocol, cfg.send_queue_frames, pod=self.router.pod, queue_bytes=cfg.send_queue_bytes
+            ws, hello.device, subprotocol, cfg.send_queue_frames, pod=self.router.pod, queue_bytes=cfg.send_queue_bytes,
+            flusher=self.flusher,
         )
         try:
             # The local actor (activated, get + tell without a checkpoint in between) or the owner pod's, relayed.
@@ -376,6 +393,17 @@ class WebSocketServer:
     def _error(self, conn: Connection, code: str, message: str, op_id: int | None = None) -> None:
         metrics.ERRORS.labels(code).inc()
         conn.send_nowait(codec.error_frame(code, message, id=op_id))
+
+
+class _Started:
+    """Passes trio-websocket's "started" on as the port we listen on."""
+
+    def __init__(self, inner: trio.TaskStatus[int], port: int) -> None:
+        self.inner = inner
+        self.port = port
+
+    def started(self, _server: object = None) -> None:
+        self.inner.started(self.port)
 
 
 class _Watch:
