@@ -123,6 +123,11 @@ class Connection:
         return self._link_id
 
     @property
+    def fast(self) -> bool:
+        """On the fast path: frames written by the flusher, messages taken inline (transport/server.py)."""
+        return self._direct is not None
+
+    @property
     def queued_bytes(self) -> int:
         return self.queue.queued_bytes  # kept up to date by the queue itself: nothing added per frame
 

@@ -311,46 +311,18 @@ class WebSocketServer:
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
-        cfg = self.config
-        bucket = TokenBucket(cfg.rate_per_s, cfg.rate_burst)
-        hot = metrics.HOT
-        errors_in_a_row = 0
+        """Take the device's messages until it closes. On the fast path (plain TCP) they are handed over inline:
+        trio-websocket's reader task calls `take` as it parses each one, instead of queueing it in a channel for
+        this task (a channel hop and a task switch per incoming message); this task then only waits for the end."""
+        take = _Taker(self, conn, actor, watch).take
+        if conn.fast:
+            _hand_over_inline(ws, conn, take)
         while conn.close_request is None:  # once closing (expired token, eviction...) nothing more is taken
             try:
                 data = await ws.get_message()
             except ConnectionClosed:
                 return
-            if conn.close_request is not None:
-                return
-            now = trio.current_time()
-            watch.last_seen = now
-            hot.frames_in += 1
-            # The bucket is charged before any parsing: a flood costs us a counter, not a decode.
-            if not bucket.allow(now):
-                self._error(conn, codes.RATE_LIMITED, f"more than {cfg.rate_per_s:g} frames/s", _cheap_id(data))
-                continue
-            message = self._message_for(conn, watch, data)
-            if message is None:
-                errors_in_a_row += 1
-                if errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
-                    metrics.CLOSES.labels(str(codes.POLICY_VIOLATION)).inc()
-                    conn.close(codes.POLICY_VIOLATION, "too many bad frames")
-                continue
-            errors_in_a_row = 0
-            if message is _HANDLED:
-                continue
-            decoded_at = time.time()
-            try:
-                actor.tell(message)
-            except Overloaded:
-                self._error(conn, codes.RATE_LIMITED, "session busy, retry shortly", message.op_id)
-                continue
-            except ActorUnavailable as exc:
-                self._error(conn, codes.UNAVAILABLE, str(exc), message.op_id)
-                if actor.gone:
-                    conn.close(codes.TRY_AGAIN_LATER, "session unavailable, reconnect")
-                continue
-            conn.await_ack(message.op_id, _ACK_KIND[type(message)], decoded_at)
+            take(data)
 
     def _message_for(self, conn: Connection, watch: _Watch, data: str | bytes) -> Any:
         """The actor message for one frame; `_HANDLED` when answered here; None after an error frame."""
@@ -393,6 +365,94 @@ class WebSocketServer:
     def _error(self, conn: Connection, code: str, message: str, op_id: int | None = None) -> None:
         metrics.ERRORS.labels(code).inc()
         conn.send_nowait(codec.error_frame(code, message, id=op_id))
+
+
+class _Taker:
+    """One connection's incoming messages, each taken synchronously: the rate limit, the decode, the actor."""
+
+    __slots__ = ("actor", "bucket", "conn", "errors_in_a_row", "server", "watch")
+
+    def __init__(self, server: WebSocketServer, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
+        self.server = server
+        self.conn = conn
+        self.actor = actor
+        self.watch = watch
+        self.bucket = TokenBucket(server.config.rate_per_s, server.config.rate_burst)
+        self.errors_in_a_row = 0
+
+    def take(self, data: str | bytes) -> None:
+        conn = self.conn
+        if conn.close_request is not None:
+            return  # closing: nothing more is taken
+        server = self.server
+        now = trio.current_time()
+        self.watch.last_seen = now
+        metrics.HOT.frames_in += 1
+        # The bucket is charged before any parsing: a flood costs us a counter, not a decode.
+        if not self.bucket.allow(now):
+            server._error(conn, codes.RATE_LIMITED, f"more than {server.config.rate_per_s:g} frames/s", _cheap_id(data))
+            return
+        message = server._message_for(conn, self.watch, data)
+        if message is None:
+            self.errors_in_a_row += 1
+            if self.errors_in_a_row >= MAX_ERRORS_IN_A_ROW:
+                metrics.CLOSES.labels(str(codes.POLICY_VIOLATION)).inc()
+                conn.close(codes.POLICY_VIOLATION, "too many bad frames")
+            return
+        self.errors_in_a_row = 0
+        if message is _HANDLED:
+            return
+        decoded_at = time.time()
+        actor = self.actor
+        try:
+            actor.tell(message)
+        except Overloaded:
+            server._error(conn, codes.RATE_LIMITED, "session busy, retry shortly", message.op_id)
+            return
+        except ActorUnavailable as exc:
+            server._error(conn, codes.UNAVAILABLE, str(exc), message.op_id)
+            if actor.gone:
+                conn.close(codes.TRY_AGAIN_LATER, "session unavailable, reconnect")
+            return
+        conn.await_ack(message.op_id, _ACK_KIND[type(message)], decoded_at)
+
+
+class _InlineChannel:
+    """Stands in for trio-websocket's send channel of parsed messages: each one is taken at once, in the
+    library's reader task. The library closes its real channel when the reader ends (`async with`, entered
+    before we swap), so `get_message` still tells our task that the connection is gone."""
+
+    __slots__ = ("conn", "inner", "take")
+
+    def __init__(self, inner: Any, take: Callable[[str | bytes], None], conn: Connection) -> None:
+        self.inner = inner  # the real channel: closing it is how `get_message` learns of the close
+        self.take = take
+        self.conn = conn
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def send(self, message: str | bytes) -> None:
+        try:
+            self.take(message)
+        except Exception as exc:  # in the library's reader task: never let it escape into the server's nursery
+            log.error("websocket message handling failed", exc_info=exc)
+            self.conn.close(codes.INTERNAL_ERROR, "internal error")
+
+
+def _hand_over_inline(ws: WebSocketConnection, conn: Connection, take: Callable[[str | bytes], None]) -> None:
+    """From now on messages go to `take` as trio-websocket parses them. Those already queued (sent right after
+    the hello) are taken first, in order; nothing awaits in between, so none can slip past. Relies on
+    trio-websocket's `_send_channel`/`_recv_channel` (pinned in pyproject.toml; tests/transport/test_fast_path.py
+    fails if they change)."""
+    receive = ws._recv_channel
+    while True:
+        try:
+            data = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+        take(data)
+    ws._send_channel = _InlineChannel(ws._send_channel, take, conn)  # type: ignore[assignment]
 
 
 class _Started:

@@ -180,3 +180,52 @@ async def test_a_session_ended_while_frames_flow_closes_after_the_last_frame(
         with contextlib.suppress(ConnectionClosed):
             await writer.closed_code(timeout=10)
     h.running.stop()
+
+
+async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Ops pipelined right behind the hello wait in trio-websocket's channel while the session attaches; they
+    are taken first, then the inline hand-over takes the rest (no channel, no task switch)."""
+    from transport.server import _InlineChannel
+
+    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    sid = await h.create_session()
+    hello = {"t": "hello", "token": h.token(), "session": sid, "device": "p"}
+    async with raw_device(h, sid, "p", hello={}) as dev:
+        await dev.send(hello)
+        for op_id in range(1, 31):  # no wait for the welcome
+            await dev.send({"t": "op", "id": op_id, "ops": [{"op": "inc", "path": "/n"}]})
+        await dev.recv_type("welcome")
+        acks = [(await dev.recv_type("ack")) for _ in range(30)]
+        assert [a["id"] for a in acks] == list(range(1, 31))
+        assert [a["version"] for a in acks] == list(range(1, 31))
+        assert isinstance(server_link(h, sid, "p").ws._send_channel, _InlineChannel)
+        async with h.rest() as http:
+            assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 30}
+    h.running.stop()
+
+
+async def test_a_failure_while_taking_a_message_closes_that_connection_only(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in the inline hand-over runs in trio-websocket's reader task: it must not reach the
+    server's nursery (every device would go), only close its own connection with 1011."""
+    from transport.server import WebSocketServer
+
+    h = await start_server(nursery, tmp_path / "data")
+    sid = await h.create_session()
+    original = WebSocketServer._message_for
+
+    def boom(self: WebSocketServer, conn: Connection, watch: Any, data: str | bytes) -> Any:
+        if "boom" in str(data):
+            raise RuntimeError("a bug")
+        return original(self, conn, watch, data)
+
+    monkeypatch.setattr(WebSocketServer, "_message_for", boom)
+    async with raw_device(h, sid, "bystander") as bystander, raw_device(h, sid, "victim") as victim:
+        await victim.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/boom", "value": 1}]})
+        assert await victim.closed_code() == codes.INTERNAL_ERROR
+        await bystander.send({"t": "op", "id": 1, "ops": [{"op": "inc", "path": "/n"}]})
+        assert (await bystander.recv_type("ack"))["version"] == 1
+    h.running.stop()
