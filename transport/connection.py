@@ -19,6 +19,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -36,6 +37,7 @@ DEFAULT_QUEUE_BYTES = 8 << 20
 MAX_AWAITED_ACKS = 1024  # requests timed for the ack latency metric per connection (oldest forgotten beyond)
 
 _ids = itertools.count(1)
+log = structlog.get_logger("sessiond.ws")
 
 
 def encode_for(out: Outgoing, subprotocol: str) -> bytes:
@@ -73,7 +75,11 @@ class Flusher:
                 await trio.lowlevel.wait_task_rescheduled(abort)
             marked, self._marked = self._marked, []
             for conn in marked:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception as exc:  # one connection's bug must not end every connection's sends
+                    log.error("flushing a connection failed", exc_info=exc)
+                    conn.close(codes.INTERNAL_ERROR, "internal error")
 
 
 class Connection:
@@ -102,7 +108,9 @@ class Connection:
         self.conn_id = next(_ids)
         self._link_id = f"{pod}/{self.conn_id}"
         self.queue = SendQueue(queue_limit, queue_bytes)
-        self._parked: trio.lowlevel.Task | None = None  # the writer, while it waits for frames
+        self._parked: trio.lowlevel.Task | None = None  # the resident writer, while it waits for frames
+        self._writing = False  # fast path: a writer task is running (it takes the queue before it ends)
+        self.tasks: trio.Nursery | None = None  # the connection's nursery (set by `run`)
         self.on_resync: Callable[[], None] | None = None  # asks the session for a fresh welcome (set on attach)
         self.close_request: tuple[int, str] | None = None
         self.closed = trio.Event()
@@ -186,20 +194,20 @@ class Connection:
 
     def _kick(self) -> None:
         """Get queued frames moving: the flusher writes them after this turn (fast path), else the writer."""
-        if self._direct is None or self._parked is None:
-            self._wake()  # no fast path, or the writer is awake anyway and takes the queue when done
+        if self._direct is None or self._writing:
+            self._wake()  # no fast path, or a fast-path writer is running and takes the queue when done
         elif not self._marked:
             self._marked = True
             self._flusher.mark(self)  # type: ignore[union-attr]  # set whenever _direct is
 
     def flush(self) -> None:
         """The fast path, called by the flusher: write the queue now, as whole frames, while the kernel takes
-        them; hand whatever remains to the writer task."""
+        them; start a writer task for whatever remains (it waits for the socket)."""
         self._marked = False
         stream = self._direct
         queue = self.queue
-        if stream is None or self._parked is None or not queue:
-            return  # the writer is awake (it takes the queue) or nothing is left
+        if stream is None or self._writing or not queue:
+            return  # a writer is running (it takes the queue) or nothing is left
         if self.close_request is not None or self.ws.closed is not None or stream.pending_bytes:
             self._wake()  # closing, or a frame is half written: the writer's job
             return
@@ -224,6 +232,18 @@ class Connection:
             metrics.DELIVERY_LATENCY.observe(age if age > 0.0 else 0.0)  # relayed: two pods' clocks may disagree
 
     def _wake(self) -> None:
+        if self._direct is not None:
+            # The fast path has no resident writer (a task less per idle device): one is started when the
+            # socket is full, a frame is half written, or a close is due, and it ends once that is done.
+            tasks = self.tasks
+            if not self._writing and tasks is not None and not self.closed.is_set():
+                self._writing = True
+                try:
+                    tasks.start_soon(self._fast_writer)
+                except RuntimeError:  # the connection's nursery is closing: it is over, nothing to write
+                    self._writing = False
+                    self.tasks = None
+            return
         task = self._parked
         if task is not None:
             self._parked = None
@@ -239,24 +259,54 @@ class Connection:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def start(self, tasks: trio.Nursery) -> None:
+        """Serve the connection's sends from `tasks` (the connection's nursery): the resident writer on
+        trio-websocket's path; on the fast path only a writer started when needed (the welcome may be waiting)."""
+        self.tasks = tasks
+        direct = self._direct
+        if direct is None:
+            tasks.start_soon(self.run_writer)
+        elif self.queue or direct.pending_bytes or self.close_request is not None:
+            self._wake()
+
+    async def _fast_writer(self) -> None:
+        """Waits for the socket until the queue and the stream are empty, then ends; closes when asked."""
+        direct = self._direct
+        assert direct is not None
+        queue = self.queue
+        done = True
+        try:
+            while True:
+                await direct.drain()
+                if self.ws.closed is not None:
+                    return  # closed under us (the peer's close frame): no data frame may follow it
+                if queue:
+                    self._write_batch(direct)
+                    continue
+                if self.close_request is not None:
+                    code, reason = self.close_request
+                    with trio.move_on_after(2):
+                        await self.ws.aclose(code, reason)
+                    return
+                done = False  # all written: the connection goes on without a writer
+                return
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            self._writing = False
+            if done:
+                self._finish(direct)
+
     async def run_writer(self) -> None:
-        """Drains the queue until a close is requested; then flushes and closes with that code."""
+        """trio-websocket's path: drains the queue until a close is requested; then flushes and closes."""
         hot = metrics.HOT
         delivery = metrics.DELIVERY_LATENCY
         queue = self.queue
-        direct = self._direct
         try:
             while True:
-                if not queue and self.close_request is None and not (direct and direct.pending_bytes):
+                if not queue and self.close_request is None:
                     await self._park()
-                if direct is not None:
-                    await direct.drain()
-                    while queue and self.ws.closed is None:
-                        self._write_batch(direct)
-                        await direct.drain()
-                    if self.ws.closed is not None:
-                        return  # closed under us (the peer's close frame): no data frame may follow it
-                while queue and direct is None:
+                while queue:
                     born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
                     self._patch_born = 0.0
                     batch = queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
@@ -272,16 +322,20 @@ class Connection:
                     with trio.move_on_after(2):
                         await self.ws.aclose(code, reason)
                     return
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except ConnectionClosed:
             return
         finally:
-            if direct is not None and direct.pending_bytes and self.close_request is not None:
-                # Cut by the close grace while the peer does not read: reset the connection. Left to
-                # trio-websocket, its own close (1000, "normal") would wait behind our bytes and tell a device
-                # that was evicted that all was well.
-                direct.abort()
-            self.closed.set()
-            self.cancel_scope.cancel()
+            self._finish(None)
+
+    def _finish(self, direct: DirectStream | None) -> None:
+        """The connection is over (closed by us or the peer, or cut): stop its tasks."""
+        if direct is not None and direct.pending_bytes and self.close_request is not None:
+            # Cut by the close grace while the peer does not read: reset the connection. Left to
+            # trio-websocket, its own close (1000, "normal") would wait behind our bytes and tell a device
+            # that was evicted that all was well.
+            direct.abort()
+        self.closed.set()
+        self.cancel_scope.cancel()
 
 
 def _payload(data: str | bytes) -> bytes:

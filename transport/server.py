@@ -299,7 +299,7 @@ class WebSocketServer:
     async def _pump(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, claims: VerifiedToken) -> None:
         with conn.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.run_writer)
+                conn.start(nursery)
                 watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
                 nursery.start_soon(watch.run, nursery)
                 await self._read_loop(ws, conn, actor, watch)
@@ -309,6 +309,8 @@ class WebSocketServer:
                     await conn.closed.wait()
                 # The peer closed (or our close is done): stop the writer and watchers.
                 nursery.cancel_scope.cancel()
+        conn.tasks = None  # that nursery is gone: a late flush must not start a writer in it
+        conn.closed.set()  # on the fast path no writer may have run to say so
 
     async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
         """Take the device's messages until it closes. On the fast path (plain TCP) they are handed over inline:

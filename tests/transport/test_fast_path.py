@@ -229,3 +229,30 @@ async def test_a_failure_while_taking_a_message_closes_that_connection_only(
         await bystander.send({"t": "op", "id": 1, "ops": [{"op": "inc", "path": "/n"}]})
         assert (await bystander.recv_type("ack"))["version"] == 1
     h.running.stop()
+
+
+async def test_devices_leaving_while_frames_flow_to_them_leave_the_server_up(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Review finding: a connection marked for the flusher whose nursery ended before the flush (the device left
+    in between) made the flusher start a writer in a closed nursery, and that error ended the whole server."""
+    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    sid = await h.create_session()
+    async with raw_device(h, sid, "w") as writer:
+
+        async def flood() -> None:
+            for op_id in range(1, 3001):
+                await writer.send({"t": "op", "id": op_id, "ops": [{"op": "inc", "path": "/n"}]})
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(flood)
+            for index in range(40):  # each leaves abruptly while patches are on their way to it
+                async with raw_device(h, sid, f"leaver{index}") as leaver:
+                    await leaver.recv_type("patch")
+                    await leaver.ws.aclose()
+        with trio.fail_after(20):
+            while (await writer.recv_type("ack"))["id"] < 3000:
+                pass
+    async with raw_device(h, sid, "after") as after:  # the server is still up
+        assert after.welcome is not None and after.welcome["state"] == {"n": 3000}
+    h.running.stop()
