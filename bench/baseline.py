@@ -16,6 +16,8 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+JSON_SUBPROTOCOL = "sessiond.v1.json"
+
 
 @dataclass(slots=True)
 class Session:
@@ -36,8 +38,11 @@ class BaselineServer:
         if request.path != "/v1/ws":
             await request.reject(404)
             return
+        # Like sessiond: the JSON subprotocol when the client offers it (a client that offers one, e.g. Node's ws,
+        # refuses a handshake that selects none), nothing when it offers none.
+        subprotocol = JSON_SUBPROTOCOL if JSON_SUBPROTOCOL in request.proposed_subprotocols else None
         try:
-            ws = await request.accept()
+            ws = await request.accept(subprotocol=subprotocol)
         except ConnectionClosed:
             return
         session: Session | None = None

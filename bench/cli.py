@@ -22,6 +22,7 @@ import trio
 from tqdm import tqdm
 
 from bench import cluster, report, soak
+from bench.node_generator import GeneratorError, node_command
 from bench.proc import cores, pin, plan_pinning, raise_fd_limit
 from bench.scenarios import SCENARIOS, Options, align_saturation
 from bench.server import ServerError, Target, running_target, url_target
@@ -36,6 +37,8 @@ SOAK_QUICK = {"duration": 20.0, "warmup": 5.0, "sessions": 5, "rate": 2.0}
 # The soak's hostile clients include a frame flood: the per-connection rate limit stays at its default there.
 SOAK_ENV = {"SESSIOND_RATE_LIMIT": "50/100"}
 ALL_SCENARIOS: dict[str, Any] = {**SCENARIOS, SOAK: soak.soak}
+GENERATORS = ("python", "node")
+NODE_SCENARIOS = ("fanout", "saturation")  # the scenarios --generator node drives
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +69,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="SESSIOND_DURABILITY for sessiond (postgres implies --postgres)")
     p.add_argument("--set", action="append", default=[], metavar="SESSIOND_X=V",
                    help="an extra setting for the sessiond it starts (repeatable), e.g. SESSIOND_WS_FAST_PATH=0")
+    p.add_argument("--generator", choices=list(GENERATORS), default="python",
+                   help="fanout, saturation: the load generator, loadgen.py (python) or bench/nodegen/gen.mjs on "
+                        "Node's ws (node; install it with `npm ci --prefix bench/nodegen`)")
+    p.add_argument("--procs", type=int, help="with --generator node: Node processes sharing the devices (default 1)")
     p.add_argument("--results", type=Path, help="results folder (default bench/results/<timestamp>-<scenario>)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
@@ -75,6 +82,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("the cluster scenario starts its own pods: --url does not apply")
     if args.scenario == CLUSTER and args.pods is not None and args.pods < 2:
         p.error("--pods must be 2 or more")
+    if args.generator != "python" and args.scenario not in NODE_SCENARIOS:
+        p.error(f"--generator {args.generator} drives {' and '.join(NODE_SCENARIOS)} only")
+    if args.procs is not None and (args.generator != "node" or args.procs < 1):
+        p.error("--procs wants --generator node and a number >= 1")
     return args
 
 
@@ -85,7 +96,8 @@ def options(args: argparse.Namespace) -> Options:
              "warmup": args.warmup, "capacity_devices": args.count, "saturation_start": args.start_rate,
              "saturation_factor": args.factor, "saturation_steps": args.steps,
              "saturation_step_s": args.step_duration, "pods": args.pods, "ttl": args.ttl,
-             "failover_sessions": args.failover_sessions, "failover_rate": args.failover_rate}
+             "failover_sessions": args.failover_sessions, "failover_rate": args.failover_rate,
+             "generator": args.generator, "generator_procs": args.procs}
     if args.scenario == CLUSTER and not args.quick:
         # A lighter default R: at 10 one pod already fills its core here, and three pods sharing it saturate
         # long before that (the relay costs CPU per message), so latency would be all queueing.
@@ -113,7 +125,10 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total}{postfix}", leave=False) as bar:
         if args.url:
             target: Target = url_target(args.url, args.http_url, args.jwt_secret, args.server_pid, name=name)
-            return await scenario(target, opts, _progress(bar))
+            try:
+                return await scenario(target, opts, _progress(bar))
+            except GeneratorError as exc:
+                return {"target": name, "failed": str(exc)}
         try:
             extra = {"SESSIOND_DURABILITY": args.durability} if args.durability else {}
             extra.update(_settings(args.set))
@@ -123,7 +138,7 @@ async def run_one(name: str, args: argparse.Namespace, opts: Options, workdir: P
                                       postgres=args.postgres or args.durability == "postgres",
                                       extra_env=extra) as target:
                 return await scenario(target, opts, _progress(bar))
-        except ServerError as exc:
+        except (ServerError, GeneratorError) as exc:
             return {"target": name, "failed": str(exc)}
 
 
@@ -176,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     opts = options(args)
+    if args.generator == "node":
+        try:  # before any server starts: say how to install it
+            node_command(opts.generator_procs)
+        except GeneratorError as exc:
+            print(f"{args.scenario}: --generator node: {exc}", file=sys.stderr)
+            return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     directory = args.results or RESULTS_ROOT / f"{stamp}-{args.scenario}"
     directory.mkdir(parents=True, exist_ok=True)

@@ -32,11 +32,21 @@ def _gen(r: dict[str, Any]) -> str:
     if util is None:
         return "SATURATED" if r.get("generator_saturated") else "ok"
     lagged = f" (lagged {r['generator_lag_events']}x)" if r.get("generator_lag_events") else ""
-    return f"{util:.0%}{' SATURATED' if r['generator_saturated'] else ''}{lagged}"
+    procs = f" over {r['generator_procs']} procs" if r.get("generator_procs", 1) > 1 else ""
+    return f"{util:.0%}{procs}{' SATURATED' if r['generator_saturated'] else ''}{lagged}"
+
+
+def _generator(r: dict[str, Any]) -> str:
+    """Which load generator ran: python (loadgen.py) or node (gen.mjs on ws, with its versions)."""
+    node = r.get("node")
+    if r.get("generator") == "node" and isinstance(node, dict):
+        return f"node {node.get('version')} ws {node.get('ws')}"
+    return str(r.get("generator", "python"))
 
 
 ROWS: dict[str, list[Row]] = {
     "fanout": [
+        ("load generator", _generator, "{}", False),
         ("offered ops/s", lambda r: r["offered_ops_per_s"], "{:,.0f}", False),
         ("delivered msgs/s", lambda r: r["delivered_per_s"], "{:,.0f}", True),
         ("delivered / offered", lambda r: r["delivered_ratio"], "{:.1%}", False),
@@ -48,6 +58,7 @@ ROWS: dict[str, list[Row]] = {
         ("other processes CPU (cores)", lambda r: r["other_processes_cpu_util"], "{:.2f}", False),
     ],
     "saturation": [
+        ("load generator", _generator, "{}", False),
         ("max sustained R (ops/s/device)", lambda r: r["max_rate_per_device"], "{:g}", True),
         ("delivered msgs/s at max", lambda r: r["max_delivered_per_s"], "{:,.0f}", True),
         ("delivery p99 ms at max", lambda r: r["p99_at_max_ms"], "{:.2f}", True),

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from bench import node_generator
 from bench.loadgen import Device, DeviceSpec, Recorder, now_ns, open_fleet, paused_gc, send_at_rate, wait_drained
 from bench.proc import CpuWindow, process_cpu_s, process_rss_bytes, self_cpu_s
 from bench.stats import Latency
@@ -53,6 +54,8 @@ class Options:
     failover_after: float = 2.0  # cluster: load after every session and device recovered, s
     failover_timeout: float = 30.0  # cluster: most wait for the recovery after the kill, s
     settle: float = 10.0  # cluster: most wait for requests in flight once the devices stop sending, s
+    generator: str = "python"  # fanout, saturation: "python" (loadgen.py) or "node" (nodegen/gen.mjs, issue 9)
+    generator_procs: int = 1  # --generator node: Node processes sharing the devices (whole sessions each)
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
@@ -79,6 +82,8 @@ async def _sleep_until_ns(t_ns: int) -> None:
 
 async def fanout(target: Any, opts: Options, progress: Progress = no_progress, label: str = "f") -> dict[str, Any]:
     """S sessions x D devices, each sending R ops/s; every change reaches the D-1 others."""
+    if opts.generator == "node":
+        return await _fanout_node(target, opts, progress, label)
     rec = Recorder()
     ids = await target.create_sessions(opts.sessions, label=label)
     specs = [DeviceSpec(sid, f"d{j}", target.device_url(j)) for sid in ids for j in range(opts.devices)]
@@ -114,24 +119,52 @@ async def _drive(devices: list[Device], rec: Recorder, cpu: CpuWindow, opts: Opt
         nursery.cancel_scope.cancel()
 
 
-def _fanout_result(target: Any, opts: Options, rec: Recorder, cpu: CpuWindow, expected: int) -> dict[str, Any]:
+async def _fanout_node(target: Any, opts: Options, progress: Progress, label: str) -> dict[str, Any]:
+    """The same fanout driven by bench/nodegen/gen.mjs: sessions, token and server CPU stay on this side, the load
+    and its measurement run in Node; the result has the same figures (see bench/node_generator.py)."""
+    ids = await target.create_sessions(opts.sessions, label=label)
+    devices = [{"session": sid, "device": f"d{j}", "url": target.device_url(j)}
+               for sid in ids for j in range(opts.devices)]
+    job = node_generator.make_job(target.ws_url, devices, target.token(), rate=opts.rate, warmup=opts.warmup,
+                                  duration=opts.duration, drain=opts.drain,
+                                  connect_concurrency=opts.connect_concurrency)
+    cpu = CpuWindow(target.pid, pods=dict(target.pods), services=dict(target.services))
+    total = opts.warmup + opts.duration
+
+    def on_progress(elapsed: float, rate: float, errors: int) -> None:
+        progress(min(elapsed, total), total, {"deliv/s": f"{rate:,.0f}", "errors": errors})
+
+    run = await node_generator.run(job, cpu, on_progress, procs=opts.generator_procs)
+    generator = node_generator.generator_figures(run, cpu, opts.duration)
+    rec = node_generator.recorder(run.result)
+    return _fanout_result(target, opts, rec, cpu, int(run.result["expected_deliveries"]), generator)
+
+
+def _fanout_result(target: Any, opts: Options, rec: Recorder, cpu: CpuWindow, expected: int,
+                   generator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fanout figures; `generator` (from node_generator.generator_figures) replaces this process's CPU as the
+    generator's when the load ran in Node."""
     window = opts.duration
     cpu_per_msg = (cpu.server_s / rec.delivered_in_window * 1e6
                    if cpu.server_s is not None and rec.delivered_in_window else math.nan)
-    gen_util = cpu.self_s / window
+    gen = generator or {"generator": "python", "generator_cpu_util": cpu.self_s / window}
+    gen_util = gen["generator_cpu_util"]
+    gen_saturated = gen.get("generator_max_proc_util", gen_util) > GENERATOR_SATURATED
     return {
         "target": target.name, "storage": target.info.get("storage"),
         "sessions": opts.sessions, "devices": opts.devices, "rate": opts.rate, "duration_s": window,
         "offered_ops_per_s": rec.sent_in_window / window,
         "offered_deliveries_per_s": expected / window,
         "delivered_per_s": rec.delivered_in_window / window,
+        "sent_in_window": rec.sent_in_window, "expected_deliveries": expected,
+        "delivered_of_window_ops": rec.delivered_of_window_ops,
         "delivered_ratio": rec.delivered_of_window_ops / expected if expected else math.nan,
         "acked_ratio": rec.acked_in_window / rec.sent_in_window if rec.sent_in_window else math.nan,
         "ack": rec.ack.summary(), "delivery": rec.delivery.summary(),
         "errors": dict(rec.errors), "error_count": sum(rec.errors.values()),
         "server_cpu_s": cpu.server_s, "server_cpu_util": cpu.server_s / window if cpu.server_s is not None else None,
         "server_cpu_per_msg_us": cpu_per_msg,
-        "generator_cpu_util": gen_util, "generator_saturated": gen_util > GENERATOR_SATURATED,
+        **gen, "generator_saturated": gen_saturated,
         "generator_lag_events": rec.lag_events,
         "other_processes_cpu_util": cpu.others_s / window if cpu.others_s is not None else None,
         **_per_process(cpu, rec.delivered_in_window, window),
@@ -190,6 +223,8 @@ async def saturation(target: Any, opts: Options, progress: Progress = no_progres
         "max_delivered_per_s": best["delivered_per_s"] if best else 0.0,
         "cpu_per_msg_us_at_max": best["server_cpu_per_msg_us"] if best else math.nan,
         "p99_at_max_ms": best["delivery"]["p99_ms"] if best else math.nan,
+        "generator": opts.generator,
+        "node": next((s["node"] for s in steps if "node" in s), None),
         "generator_saturated": any(s["generator_saturated"] for s in steps),
         "stopped_by": "limit reached" if steps and not steps[-1]["sustained"] else "max steps",
         "errors": dict(sum((Counter(s["errors"]) for s in steps), Counter())),

@@ -1,0 +1,103 @@
+"""`--generator node`: the fanout load from bench/nodegen/gen.mjs (Node's ws) through `python -m bench ... --quick`,
+against a real sessiond and the baseline (issue 9). Like test_smoke.py: the run completes, every change is delivered
+to every other device, no error, the figures are there; never a speed threshold.
+
+Needs node 20+ and npm (scripts/tools.sh ensure); a missing tool fails, it never skips. `npm ci` runs only when
+bench/nodegen/node_modules is missing or older than the lockfile (the npm registry is the only download).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.bench.test_smoke import REPO, run_bench, sane_latency
+
+NODEGEN = REPO / "bench" / "nodegen"
+NPM_CI_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def nodegen() -> Path:
+    """bench/nodegen's node_modules as its lockfile says (npm ci when missing or older than the lockfile)."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: --generator node needs Node 20+ and npm (scripts/tools.sh ensure)")
+    lock = NODEGEN / "package-lock.json"
+    assert lock.is_file(), "bench/nodegen/package-lock.json must be committed"
+    marker = NODEGEN / "node_modules" / ".package-lock.json"  # written by npm ci / npm install
+    if not marker.is_file() or marker.stat().st_mtime < lock.stat().st_mtime:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIOND_")}
+        try:
+            done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODEGEN, env=env, capture_output=True,
+                                  text=True, timeout=NPM_CI_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"npm ci in {NODEGEN} took more than {NPM_CI_TIMEOUT_S} s")
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {NODEGEN} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return NODEGEN
+
+
+def delivered_everything(r: dict[str, Any]) -> None:
+    """Every op sent in the window reached the D-1 other devices, was acked, and nothing went wrong."""
+    assert r["generator"] == "node"
+    assert r["sent_in_window"] > 0
+    assert r["delivered_of_window_ops"] == r["expected_deliveries"] == r["sent_in_window"] * (r["devices"] - 1)
+    assert r["acked_ratio"] == 1.0
+    assert r["error_count"] == 0 and r["errors"] == {}
+    assert r["generator_lag_events"] == 0
+
+
+async def test_fanout_with_the_node_generator(nodegen: Path, tmp_path: Path) -> None:
+    r = await run_bench("fanout", "sessiond", tmp_path, "--generator", "node")
+    delivered_everything(r)
+    sane_latency(r["ack"])
+    sane_latency(r["delivery"])
+    assert r["delivery"]["count"] == r["expected_deliveries"] and r["ack"]["count"] == r["sent_in_window"]
+    # gen.mjs summarises its own samples; the bench recomputes them with bench/stats.py: the same figures
+    for key in ("ack", "delivery"):
+        node, ours = r["node"][key], r[key]
+        assert {q: node[q] for q in ("count", "p50_ms", "p90_ms", "p99_ms", "max_ms")} == \
+               {q: ours[q] for q in ("count", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+        assert node["mean_ms"] == pytest.approx(ours["mean_ms"])
+    assert r["delivered_per_s"] > 0 and math.isfinite(r["server_cpu_per_msg_us"]) and r["server_cpu_per_msg_us"] > 0
+    assert 0 < r["generator_cpu_util"] < 1.5 and r["generator_saturated"] is False
+    assert r["generator_procs"] == 1 and r["node"]["version"].startswith("v") and r["node"]["ws"]
+    assert r["generator_cpus"], "the generator's CPU affinity is recorded"
+    assert sum(r["series"]["deliveries_per_s"]) > 0
+    assert (tmp_path / "latency.png").exists() and (tmp_path / "throughput.png").exists()
+    assert "load generator" in (tmp_path / "report.md").read_text()
+
+
+async def test_saturation_with_two_node_processes(nodegen: Path, tmp_path: Path) -> None:
+    """Every step runs gen.mjs again; --procs 2 splits the sessions over two Node processes and merges them."""
+    r = await run_bench("saturation", "baseline", tmp_path, "--generator", "node", "--procs", "2")
+    assert r["generator"] == "node" and 1 <= len(r["steps"]) <= 3
+    for step in r["steps"]:
+        delivered_everything(step)
+        sane_latency(step["delivery"])
+        assert step["generator_procs"] == 2
+        assert len(step["node"]["cpu"]["procs"]) == 3  # two workers and the parent that merges them
+        assert step["generator_max_proc_util"] <= step["generator_cpu_util"]
+
+
+async def test_gen_mjs_alone_refuses_a_bad_job(nodegen: Path) -> None:
+    done = await trio.run_process(["node", "gen.mjs", "-"], stdin=b'{"devices": []}', cwd=nodegen,
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 2 and done.stdout == b""
+    assert b"job.devices" in done.stderr
+
+
+async def test_the_node_generator_drives_fanout_and_saturation_only(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench", "capacity", "--generator", "node", "--results", str(tmp_path)]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    assert done.returncode == 2 and b"fanout and saturation only" in done.stderr
+
