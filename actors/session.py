@@ -105,10 +105,12 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """One frame, encoded once, to every connected device except `exclude`."""
+    """One frame, encoded once, to every connected device except `exclude`. `json`: its JSON encoding when it
+    exists already (a patch's, kept for replay): the fan-out sends those very bytes (frame once, issue 9)."""
 
     frame: dict[str, JSON]
     exclude: str | None = None
+    json: bytes | None = field(default=None, compare=False)  # a cache of `frame`'s encoding, not part of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,11 +417,12 @@ class SessionState:
         if op_id is not None:
             self._remember(device, op_id, self.version)
         patch = self._patch(device, ops)
-        self._keep_for_replay(dumps_kept(patch), size_hint)  # exact-size bytes: see dumps_kept
+        encoded = dumps_kept(patch)  # exact-size bytes (see dumps_kept), kept for replay and sent as they are
+        self._keep_for_replay(encoded, size_hint)
         self.effects.append(Journal(Change(self.version, device, op_id, ops, size_hint)))  # size: memory journal
         if op_id is not None:
             self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": self.version}))
-        self.effects.append(Broadcast(patch, exclude=device))
+        self.effects.append(Broadcast(patch, exclude=device, json=encoded))
         return Accepted(self.version)
 
     def _keep_for_replay(self, patch: bytes, size: int) -> None:

@@ -51,6 +51,7 @@ from actors.messages import (
 from actors.session import (
     REST_DEVICE,
     Accepted,
+    Broadcast,
     Checkpoint,
     Close,
     Effect,
@@ -61,6 +62,7 @@ from actors.session import (
     Stop,
 )
 from protocol import codes
+from protocol.codec import JSON_SUBPROTOCOL
 from storage.ports import Fenced, Storage, StorageError
 
 __all__ = ["ActorConfig", "SessionActor", "SessionNotFound", "now_iso"]
@@ -504,6 +506,8 @@ class SessionActor:
         for effect, devices in recipients(effects, links, self._joined_this_turn):
             if devices:
                 out = Outgoing(effect.frame, born)  # type: ignore[union-attr]  # Send / Broadcast: those with devices
+                if type(effect) is Broadcast and effect.json is not None:
+                    out.encoded[JSON_SUBPROTOCOL] = effect.json  # the replay window's bytes: not encoded again
                 for device in devices:
                     links[device].deliver(out)
             elif isinstance(effect, Close):

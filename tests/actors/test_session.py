@@ -617,3 +617,12 @@ def test_the_replay_window_holds_nothing_the_cyclic_gc_walks() -> None:
     finally:
         tracemalloc.stop()
     assert held < 200 * 1024, held  # 200 patches kept: about 0.2 KB each, not 4 KB
+
+
+def test_a_patch_is_encoded_once_for_replay_and_fan_out() -> None:
+    """Issue 9 "frame once": the bytes kept for replay are the bytes the devices are sent."""
+    s = with_devices("a", "b")
+    s.change("a", 1, [{"op": "set", "path": "/x", "value": {"y": 1}}], None, T)
+    [broadcast] = [e for e in s.take_effects() if isinstance(e, Broadcast)]
+    assert broadcast.json is not None and orjson.loads(broadcast.json) == broadcast.frame
+    assert broadcast.json is s.replay[-1]
