@@ -28,7 +28,11 @@ REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id
 ACKED_PER_DEVICE = 64  # answers (op id -> version) remembered per device, live and in snapshots alike
 ACKED_IN_SNAPSHOT = ACKED_PER_DEVICE  # kept as a name: the newest ones; the last is the device's high-water mark
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
-ANSWERS_OVERHEAD_BYTES = 400  # per remembered device: its id string, the Answers object, two arrays, a dict slot
+ACKED_FULL_DEVICES = 32  # of those, the most recently active keep ACKED_PER_DEVICE answers; older ones their last
+ANSWERS_OVERHEAD_BYTES = 400  # per device with full answers: its id string, the Answers object, two arrays, a slot
+HIGH_WATER_BYTES = 160  # per device with only its high-water mark: its id string, one int, a dict slot
+_HW_SHIFT = 64  # a high-water mark packed in one int: op id << 64 | version (both below 2**63)
+_HW_MASK = (1 << _HW_SHIFT) - 1
 REST_KEYS = 1024  # REST Idempotency-Keys remembered per session (live and in snapshots), oldest dropped
 
 
@@ -210,8 +214,11 @@ class SessionState:
     replay: deque[bytes] = field(default_factory=deque)
     replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
     replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
-    acked: OrderedDict[str, Answers] = field(default_factory=OrderedDict)
+    acked: OrderedDict[str, Answers] = field(default_factory=OrderedDict)  # recently active devices, LRU
     acked_count: int = 0  # answers held in `acked`, for the memory budget (acked_bytes)
+    # Devices not among the ACKED_FULL_DEVICES most recently active: their last answer only (packed, _HW_SHIFT).
+    # Devices that come and go with fresh ids (a soak, hostile clients) filled `acked` for hours, ~1.4 KB each.
+    high_water: OrderedDict[str, int] = field(default_factory=OrderedDict)
     rest_keys: OrderedDict[int, int] = field(default_factory=OrderedDict)  # hashed Idempotency-Key -> version
     approx_bytes: int = 0
     checkpointed_version: int = 0
@@ -261,9 +268,10 @@ class SessionState:
             for device, pairs in snapshot.acked.items():
                 if device == REST_DEVICE:  # Idempotency-Keys: no order among them, oldest first as saved
                     s.rest_keys = OrderedDict((int(i), int(v)) for i, v in pairs)
-                else:
+                elif pairs:
                     answers = s.acked[device] = Answers(sorted((int(i), int(v)) for i, v in pairs))
                     s.acked_count += len(answers)
+                    s._demote_beyond_full()
         s.checkpointed_version = s.version
         for change in journal:
             if change.version <= s.version:
@@ -289,6 +297,7 @@ class SessionState:
             status=self.status,
             active=self.active,
             acked={
+                **{device: [[hw >> _HW_SHIFT, hw & _HW_MASK]] for device, hw in self.high_water.items()},
                 **{device: answers.pairs() for device, answers in self.acked.items()},
                 **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
             },
@@ -520,9 +529,15 @@ class SessionState:
         if device == REST_DEVICE:  # an Idempotency-Key: exact match only (keys do not grow)
             return self.rest_keys.get(op_id)
         known = self.acked.get(device)
-        if not known or op_id > known.high:
-            return None
-        version = known.answer(op_id)
+        if known is not None:
+            if not known or op_id > known.high:
+                return None
+            version = known.answer(op_id)
+        else:
+            hw = self.high_water.get(device)
+            if hw is None or op_id > hw >> _HW_SHIFT:
+                return None
+            version = hw & _HW_MASK  # its own version when it is the mark, else an upper bound of it
         self.effects.append(Send(device, {"t": "ack", "id": op_id, "version": version}))
         return version
 
@@ -534,17 +549,31 @@ class SessionState:
             return
         answers = self.acked.get(device)
         if answers is None:
-            answers = self.acked[device] = Answers()
-            if len(self.acked) > ACKED_DEVICES:
-                self.acked_count -= len(self.acked.popitem(last=False)[1])
+            hw = self.high_water.pop(device, None)
+            answers = self.acked[device] = Answers([(hw >> _HW_SHIFT, hw & _HW_MASK)] if hw is not None else None)
+            self.acked_count += len(answers)
+            self._demote_beyond_full()
         else:
             self.acked.move_to_end(device)
         self.acked_count += answers.add(op_id, version)
 
+    def _demote_beyond_full(self) -> None:
+        """Keep full answers for the ACKED_FULL_DEVICES most recently active devices; older ones keep their
+        high-water mark, and only ACKED_DEVICES devices in all are remembered."""
+        while len(self.acked) > ACKED_FULL_DEVICES:
+            device, answers = self.acked.popitem(last=False)
+            self.acked_count -= len(answers)
+            if answers:
+                self.high_water[device] = answers.high << _HW_SHIFT | answers.versions[-1]
+                self.high_water.move_to_end(device)
+        while len(self.high_water) + len(self.acked) > ACKED_DEVICES and self.high_water:
+            self.high_water.popitem(last=False)
+
     @property
     def acked_bytes(self) -> int:
         """About what the remembered answers take (counted in the memory budget, §5.5)."""
-        return len(self.acked) * ANSWERS_OVERHEAD_BYTES + self.acked_count * 16
+        full = len(self.acked) * ANSWERS_OVERHEAD_BYTES + self.acked_count * 16
+        return full + len(self.high_water) * HIGH_WATER_BYTES
 
     def _patch(self, device: str, ops: list[dict[str, JSON]]) -> dict[str, JSON]:
         return {"t": "patch", "version": self.version, "device": device, "ops": ops}

@@ -501,25 +501,34 @@ def test_acked_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     import actors.session as session
 
     monkeypatch.setattr(session, "ACKED_PER_DEVICE", 3)
-    monkeypatch.setattr(session, "ACKED_DEVICES", 2)
+    monkeypatch.setattr(session, "ACKED_FULL_DEVICES", 2)
+    monkeypatch.setattr(session, "ACKED_DEVICES", 3)
     s = new_state()
     for i in range(5):
         s.change("a", i, inc(), None, T)
     assert s.acked["a"].ids.tolist() == [2, 3, 4] and s.acked_count == 3
     s.change("b", 0, inc(), None, T)
     s.change("a", 5, inc(), None, T)  # a becomes the most recent
-    s.change("c", 0, inc(), None, T)
-    assert list(s.acked) == ["a", "c"]
-    assert s.acked_count == 4  # b's answer went with b
-    assert s.acked_bytes == 2 * session.ANSWERS_OVERHEAD_BYTES + 4 * 16
+    s.change("c", 0, inc(), None, T)  # b is demoted to its high-water mark
+    assert list(s.acked) == ["a", "c"] and list(s.high_water) == ["b"]
+    assert s.acked_count == 4
+    assert s.acked_bytes == 2 * session.ANSWERS_OVERHEAD_BYTES + 4 * 16 + session.HIGH_WATER_BYTES
+    assert s.change("b", 0, inc(), None, T) == Accepted(6)  # b's answer, from its high-water mark
+    s.take_effects()
+    s.change("d", 0, inc(), None, T)  # d full; a demoted; b (oldest high-water mark) forgotten: 3 devices in all
+    assert list(s.acked) == ["c", "d"] and list(s.high_water) == ["a"]
+    s.change("a", 6, inc(), None, T)  # a comes back: full again, from its mark on; c demoted
+    assert s.acked["a"].ids.tolist() == [5, 6] and list(s.high_water) == ["c"]
 
 
 def test_many_devices_answers_stay_small_and_are_counted() -> None:
-    """Issue 8 soak: hostile clients joining with fresh device ids filled up to ~13 MB of answers per session,
-    outside the memory budget. Now at most ACKED_DEVICES x ACKED_PER_DEVICE int64 pairs, and counted."""
+    """Issue 8 soak: devices joining with fresh ids (hostile clients, the soak's short device lives) filled up to
+    ~13 MB of answers per session, outside the memory budget; then ~1.4 KB per device for hours. Now the
+    ACKED_FULL_DEVICES most recent keep ACKED_PER_DEVICE answers, older ones their high-water mark, and the
+    budget counts them."""
     import tracemalloc
 
-    from actors.session import ACKED_DEVICES, ACKED_PER_DEVICE
+    from actors.session import ACKED_DEVICES, ACKED_FULL_DEVICES, ACKED_PER_DEVICE
 
     s = new_state()
     tracemalloc.start()
@@ -529,11 +538,16 @@ def test_many_devices_answers_stay_small_and_are_counted() -> None:
             s._remember(f"dev-{device:04d}", op_id, op_id + 1)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    assert len(s.acked) == ACKED_DEVICES and s.acked_count == ACKED_DEVICES * ACKED_PER_DEVICE
+    assert len(s.acked) == ACKED_FULL_DEVICES and s.acked_count == ACKED_FULL_DEVICES * ACKED_PER_DEVICE
+    assert len(s.acked) + len(s.high_water) == ACKED_DEVICES
     assert held < 1.5 * s.acked_bytes, (held, s.acked_bytes)  # the estimate the budget uses is honest
-    assert s.acked_bytes < 512 << 10
+    assert s.acked_bytes < 128 << 10
     assert s.acked["dev-0299"].answer(ACKED_PER_DEVICE) == ACKED_PER_DEVICE + 1
     assert s.acked["dev-0299"].answer(0) == 11  # dropped: the oldest kept id's version, an upper bound
+    oldest_kept = "dev-0050"  # of 306 devices, the newest 256: the oldest of them keeps only its mark
+    assert s.high_water[oldest_kept] >> 64 == ACKED_PER_DEVICE + 9
+    assert s.change(oldest_kept, 3, inc(), None, T) == Accepted(ACKED_PER_DEVICE + 10)  # an upper bound
+    assert "dev-0049" not in s.high_water and "dev-0049" not in s.acked
 
 
 def test_restore_stops_at_a_journal_gap_and_says_so() -> None:
