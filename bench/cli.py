@@ -73,6 +73,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="fanout, saturation: the load generator, loadgen.py (python) or bench/nodegen/gen.mjs on "
                         "Node's ws (node; install it with `npm ci --prefix bench/nodegen`)")
     p.add_argument("--procs", type=int, help="with --generator node: Node processes sharing the devices (default 1)")
+    p.add_argument("--handoff-rate", type=float,
+                   help="handoff: handoffs/s per session, paced (default: each pair as fast as it can, a closed loop)")
     p.add_argument("--results", type=Path, help="results folder (default bench/results/<timestamp>-<scenario>)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to cores")
@@ -97,7 +99,7 @@ def options(args: argparse.Namespace) -> Options:
              "saturation_factor": args.factor, "saturation_steps": args.steps,
              "saturation_step_s": args.step_duration, "pods": args.pods, "ttl": args.ttl,
              "failover_sessions": args.failover_sessions, "failover_rate": args.failover_rate,
-             "generator": args.generator, "generator_procs": args.procs}
+             "generator": args.generator, "generator_procs": args.procs, "handoff_rate": args.handoff_rate}
     if args.scenario == CLUSTER and not args.quick:
         # A lighter default R: at 10 one pod already fills its core here, and three pods sharing it saturate
         # long before that (the relay costs CPU per message), so latency would be all queueing.

@@ -7,6 +7,7 @@ numbers (plus series for the plots); the CLI runs it once per target and the rep
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ class Options:
     p99_limit_ms: float = 100.0
     delivered_floor: float = 0.95
     handoff_ops: int = 3  # ops the active device sends (acked) between two handoffs
+    handoff_rate: float | None = None  # handoffs/s per session (paced); None: each pair as fast as it can
     pods: int = 3  # cluster: pods of the multi-pod run
     ttl: float = 3.0  # cluster: SESSIOND_LEASE_TTL_S
     failover_sessions: int = 30  # cluster: sessions under load when a pod is killed (x devices SDK clients)
@@ -292,7 +294,12 @@ async def handoff(target: Any, opts: Options, progress: Progress = no_progress) 
             active, other = sorted(pair, key=lambda d: d.spec.device)
             if await active.request("claim") is None:
                 return
+            period = 1.0 / opts.handoff_rate if opts.handoff_rate else 0.0
+            due = trio.current_time() + random.uniform(0.0, period)  # pairs spread over the period
             while trio.current_time() < end:
+                if period:  # paced: a handoff's latency, not the queue of a saturated server
+                    await trio.sleep_until(due)
+                    due += period
                 for _ in range(opts.handoff_ops):
                     if await active.request("op") is None:
                         return
@@ -326,6 +333,7 @@ async def handoff(target: Any, opts: Options, progress: Progress = no_progress) 
     return {
         "target": target.name, "storage": target.info.get("storage"), "sessions": opts.sessions,
         "duration_s": total_s, "handoffs": handoffs, "handoffs_per_s": handoffs / total_s,
+        "pacing": f"{opts.handoff_rate:g}/s per session" if opts.handoff_rate else "closed loop",
         "handoff": latency.summary(), "changes_acked": check["acked"],
         "server_cpu_per_handoff_ms": cpu.server_s / handoffs * 1e3 if cpu.server_s is not None and handoffs
         else math.nan,

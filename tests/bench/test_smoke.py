@@ -93,6 +93,16 @@ async def test_handoff(target: str, tmp_path: Path) -> None:
     sane_latency(r["handoff"])
 
 
+async def test_paced_handoff_keeps_its_pace(tmp_path: Path) -> None:
+    """--handoff-rate: each pair hands off at that rate (the latency of one handoff, not of a saturated queue)."""
+    r = await run_bench("handoff", "sessiond", tmp_path, "--handoff-rate", "2")
+    assert r["pacing"] == "2/s per session"
+    per_session = r["handoffs"] / r["sessions"] / r["duration_s"]
+    assert 0.5 <= per_session <= 2.5, per_session  # the quick run: about 2 a second, never the closed loop's
+    assert (r["lost"], r["duplicated"], r["version_gaps"]) == (0, 0, 0)
+    sane_latency(r["handoff"])
+
+
 @pytest.mark.slow
 async def test_cluster(tmp_path: Path, redis_url: str, pg_url: str) -> None:
     """One pod, three pods with devices spread over them, then a kill -9 under load: nothing lost or doubled."""
