@@ -110,7 +110,7 @@ class Connection:
         self.queue = SendQueue(queue_limit, queue_bytes)
         self._parked: trio.lowlevel.Task | None = None  # the resident writer, while it waits for frames
         self._writing = False  # fast path: a writer task is running (it takes the queue before it ends)
-        self.tasks: trio.Nursery | None = None  # the connection's nursery (set by `run`)
+        self.tasks: trio.Nursery | None = None  # the connection's nursery (set by `start`)
         self.on_resync: Callable[[], None] | None = None  # asks the session for a fresh welcome (set on attach)
         self.close_request: tuple[int, str] | None = None
         self.closed = trio.Event()
@@ -137,7 +137,9 @@ class Connection:
 
     @property
     def queued_bytes(self) -> int:
-        return self.queue.queued_bytes  # kept up to date by the queue itself: nothing added per frame
+        # Kept up to date by the queue itself (nothing added per frame), plus a half-written frame's rest.
+        direct = self._direct
+        return self.queue.queued_bytes + (direct.pending_bytes if direct is not None else 0)
 
     def deliver(self, out: Outgoing) -> None:
         if self.close_request is not None:
