@@ -25,8 +25,10 @@ from storage.ports import Change, SessionRecord, Snapshot
 
 JSON = Any
 REST_DEVICE = "@rest"  # author of changes made over REST; not a valid device id, so never mistaken for one
-ACKED_PER_DEVICE = 64  # answers (op id -> version) remembered per device, live and in snapshots alike
-ACKED_IN_SNAPSHOT = ACKED_PER_DEVICE  # kept as a name: the newest ones; the last is the device's high-water mark
+# A client may pipeline hundreds of ops and retransmit them all after a drop: each must get its own version back
+# (the TypeScript SDK's exactly-once test sends 300 at once), so the live window is wide; snapshots keep fewer.
+ACKED_PER_DEVICE = 512  # answers (op id -> version) remembered live per device, for the most recent devices
+ACKED_IN_SNAPSHOT = 64  # per device, the newest ones in a snapshot; the last is the device's high-water mark
 ACKED_DEVICES = 256  # devices whose op ids are remembered (least recently used dropped)
 ACKED_FULL_DEVICES = 32  # of those, the most recently active keep ACKED_PER_DEVICE answers; older ones their last
 ANSWERS_OVERHEAD_BYTES = 400  # per device with full answers: its id string, the Answers object, two arrays, a slot
@@ -298,7 +300,7 @@ class SessionState:
             active=self.active,
             acked={
                 **{device: [[hw >> _HW_SHIFT, hw & _HW_MASK]] for device, hw in self.high_water.items()},
-                **{device: answers.pairs() for device, answers in self.acked.items()},
+                **{device: answers.pairs()[-ACKED_IN_SNAPSHOT:] for device, answers in self.acked.items()},
                 **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
             },
         )
@@ -523,8 +525,8 @@ class SessionState:
         """The original answer to a retransmitted request: its ack again, nothing applied (DESIGN §3).
 
         Op ids only grow per device, so an id at or below the device's high-water mark was answered before. Its
-        exact version is kept for the newest ACKED_PER_DEVICE (live and after a restore); an older one is acked
-        with the version of the next answered id, an upper bound of its own.
+        exact version is kept for the newest ACKED_PER_DEVICE (ACKED_IN_SNAPSHOT after a restore); an older one is
+        acked with the version of the next answered id, an upper bound of its own.
         """
         if device == REST_DEVICE:  # an Idempotency-Key: exact match only (keys do not grow)
             return self.rest_keys.get(op_id)

@@ -417,8 +417,8 @@ def test_old_op_ids_are_answered_not_applied_after_a_restore() -> None:
     assert len(snap.acked["a"]) == ACKED_IN_SNAPSHOT < sent
     version, state = restored.version, orjson.loads(orjson.dumps(restored.state))
     assert (version, state) == (2 * sent + 1, {"n": sent + 1, "m": sent})
-    oldest_kept = sent + 1 - ACKED_IN_SNAPSHOT + 1  # the newest ACKED_PER_DEVICE, the journal's one included
-    for old in (1, 2, sent // 3, oldest_kept - 1):  # older than every id kept
+    oldest_kept = sent - ACKED_IN_SNAPSHOT + 1
+    for old in (1, 2, sent // 3, oldest_kept - 1):  # older than every id the snapshot kept
         result = restored.change("a", old, inc(), None, T)
         assert isinstance(result, Accepted), result
         assert 2 * old - 1 <= result.version <= 2 * oldest_kept - 1
@@ -541,7 +541,7 @@ def test_many_devices_answers_stay_small_and_are_counted() -> None:
     assert len(s.acked) == ACKED_FULL_DEVICES and s.acked_count == ACKED_FULL_DEVICES * ACKED_PER_DEVICE
     assert len(s.acked) + len(s.high_water) == ACKED_DEVICES
     assert held < 1.5 * s.acked_bytes, (held, s.acked_bytes)  # the estimate the budget uses is honest
-    assert s.acked_bytes < 128 << 10
+    assert s.acked_bytes < 512 << 10
     assert s.acked["dev-0299"].answer(ACKED_PER_DEVICE) == ACKED_PER_DEVICE + 1
     assert s.acked["dev-0299"].answer(0) == 11  # dropped: the oldest kept id's version, an upper bound
     oldest_kept = "dev-0050"  # of 306 devices, the newest 256: the oldest of them keeps only its mark
@@ -640,3 +640,16 @@ def test_a_patch_is_encoded_once_for_replay_and_fan_out() -> None:
     [broadcast] = [e for e in s.take_effects() if isinstance(e, Broadcast)]
     assert broadcast.json is not None and orjson.loads(broadcast.json) == broadcast.frame
     assert broadcast.json is s.replay[-1]
+
+
+def test_a_retransmitted_pipeline_of_300_gets_each_op_its_own_version_back() -> None:
+    """CI finding: with 64 live answers per device, the TypeScript SDK's exactly-once test (300 incs in flight,
+    retransmitted after each cut) got 169 distinct versions for 300 ops: older retransmits were acked with an
+    upper bound. Nothing was applied twice, but a client must get each op's own version back."""
+    s = with_devices("a")
+    for op_id in range(1, 301):
+        s.change("a", op_id, inc(), None, T)
+    s.take_effects()
+    versions = [s.change("a", op_id, inc(), None, T) for op_id in range(1, 301)]  # all retransmitted
+    assert versions == [Accepted(v) for v in range(1, 301)]
+    assert s.version == 300
