@@ -297,20 +297,22 @@ class WebSocketServer:
                 pass
 
     async def _pump(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, claims: VerifiedToken) -> None:
-        with conn.cancel_scope:
-            async with trio.open_nursery() as nursery:
-                conn.start(nursery)
-                watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
-                nursery.start_soon(watch.run, nursery)
-                await self._read_loop(ws, conn, actor, watch)
-                if conn.close_request is not None:
-                    # We are closing: the writer flushes and sends the close frame (bounded by the connection's
-                    # close grace); cancelling it now would cut the TCP connection without one (1006).
-                    await conn.closed.wait()
-                # The peer closed (or our close is done): stop the writer and watchers.
-                nursery.cancel_scope.cancel()
-        conn.tasks = None  # that nursery is gone: a late flush must not start a writer in it
-        conn.closed.set()  # on the fast path no writer may have run to say so
+        try:
+            with conn.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    conn.start(nursery)
+                    watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
+                    nursery.start_soon(watch.run, nursery)
+                    await self._read_loop(ws, conn, actor, watch)
+                    if conn.close_request is not None:
+                        # We are closing: the writer flushes and sends the close frame (bounded by the connection's
+                        # close grace); cancelling it now would cut the TCP connection without one (1006).
+                        await conn.closed.wait()
+                    # The peer closed (or our close is done): stop the writer and watchers.
+                    nursery.cancel_scope.cancel()
+        finally:
+            conn.tasks = None  # that nursery is gone: a late flush must not start a writer in it
+            conn.closed.set()  # on the fast path no writer may have run to say so
 
     async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
         """Take the device's messages until it closes. On the fast path (plain TCP) they are handed over inline:
