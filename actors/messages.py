@@ -50,7 +50,7 @@ class Outgoing:
 
     def __init__(self, frame: dict[str, JSON], born: float = 0.0) -> None:
         self.frame = frame
-        self.encoded: dict[str, str | bytes] = {}
+        self.encoded: dict[str, bytes] = {}  # payload bytes per subprotocol (JSON as UTF-8)
         self.born = born
 
 

@@ -45,7 +45,31 @@ def encode_for(out: Outgoing, subprotocol: str) -> bytes:
     data = out.encoded.get(subprotocol)
     if data is None:
         data = out.encoded[subprotocol] = codec.encode_bytes(out.frame, subprotocol)
-    return data  # type: ignore[return-value]  # only bytes are stored here
+    return data
+
+
+class _Sleeper:
+    """One task asleep until woken: the cheapest wait trio has (an Event per wake-up costs more per message)."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    def wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def sleep(self) -> None:
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Flusher:
@@ -54,25 +78,16 @@ class Flusher:
 
     def __init__(self) -> None:
         self._marked: list[Connection] = []
-        self._parked: trio.lowlevel.Task | None = None
+        self._sleeper = _Sleeper()
 
     def mark(self, conn: Connection) -> None:
         self._marked.append(conn)
-        task = self._parked
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
+        self._sleeper.wake()
 
     async def run(self) -> None:
         while True:
             if not self._marked:
-                self._parked = trio.lowlevel.current_task()
-
-                def abort(_: object) -> trio.lowlevel.Abort:
-                    self._parked = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+                await self._sleeper.sleep()
             marked, self._marked = self._marked, []
             for conn in marked:
                 try:
@@ -108,7 +123,7 @@ class Connection:
         self.conn_id = next(_ids)
         self._link_id = f"{pod}/{self.conn_id}"
         self.queue = SendQueue(queue_limit, queue_bytes)
-        self._parked: trio.lowlevel.Task | None = None  # the resident writer, while it waits for frames
+        self._writer = _Sleeper()  # the resident writer (trio-websocket's path), while it waits for frames
         self._writing = False  # fast path: a writer task is running (it takes the queue before it ends)
         self.tasks: trio.Nursery | None = None  # the connection's nursery (set by `start`)
         self.on_resync: Callable[[], None] | None = None  # asks the session for a fresh welcome (set on attach)
@@ -167,7 +182,7 @@ class Connection:
         metrics.SLOW_CONSUMERS.labels("disconnect").inc()
         metrics.CLOSES.labels(str(codes.SLOW_CONSUMER)).inc()
         error = codec.error_frame(codes.E_SLOW_CONSUMER, "could not keep up; resume when ready")
-        self.queue.push_final(_payload(error.for_subprotocol(self.subprotocol)))
+        self.queue.push_final(codec.encode_bytes(error.frame, self.subprotocol))
         self.close(codes.SLOW_CONSUMER, "slow_consumer")
 
     def close(self, code: int, reason: str) -> None:
@@ -190,7 +205,7 @@ class Connection:
     def send_nowait(self, frame: codec.Encoded) -> None:
         """A connection-level frame (error, authed) from the reader; never superseded, bounded like the rest."""
         if self.close_request is None:
-            if self.queue.push(frame.frame["t"], _payload(frame.for_subprotocol(self.subprotocol))) is Push.EVICT:
+            if self.queue.push(frame.frame["t"], codec.encode_bytes(frame.frame, self.subprotocol)) is Push.EVICT:
                 self.evict()
             self._kick()
 
@@ -222,12 +237,22 @@ class Connection:
             self._wake()
 
     def _write_batch(self, stream: DirectStream) -> None:
-        born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
+        payload, frames, born = self._next_message()
+        stream.write_nowait(data_frame(payload, binary=self._binary))
+        self._sent(frames, born)
+
+    def _next_message(self) -> tuple[bytes, int, float]:
+        """The next write: queued frames joined into one message, how many, and the `born` of its oldest patch
+        (one latency observation per write, cheaper than one per frame)."""
+        born = self._patch_born
         self._patch_born = 0.0
         batch = self.queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
-        stream.write_nowait(data_frame(codec.join_batch(batch, self.subprotocol), binary=self._binary))  # type: ignore[arg-type]
+        return codec.join_batch(batch, self.subprotocol), len(batch), born  # type: ignore[return-value]  # bytes in, bytes out
+
+    @staticmethod
+    def _sent(frames: int, born: float) -> None:
         hot = metrics.HOT
-        hot.frames_out += len(batch)
+        hot.frames_out += frames
         hot.messages_out += 1
         if born:
             age = time.time() - born
@@ -246,20 +271,7 @@ class Connection:
                     self._writing = False
                     self.tasks = None
             return
-        task = self._parked
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
-
-    async def _park(self) -> None:
-        """Sleep until `_wake`: the cheapest wait trio has (an Event per wake-up costs more per message)."""
-        self._parked = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._parked = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        self._writer.wake()
 
     def start(self, tasks: trio.Nursery) -> None:
         """Serve the connection's sends from `tasks` (the connection's nursery): the resident writer on
@@ -301,24 +313,15 @@ class Connection:
 
     async def run_writer(self) -> None:
         """trio-websocket's path: drains the queue until a close is requested; then flushes and closes."""
-        hot = metrics.HOT
-        delivery = metrics.DELIVERY_LATENCY
         queue = self.queue
         try:
             while True:
                 if not queue and self.close_request is None:
-                    await self._park()
+                    await self._writer.sleep()
                 while queue:
-                    born = self._patch_born  # one observation per write: its oldest patch (cheaper than each)
-                    self._patch_born = 0.0
-                    batch = queue.take(MAX_BATCH_FRAMES, MAX_BATCH_BYTES)
-                    payload = codec.join_batch(batch, self.subprotocol)
-                    await self.ws.send_message(payload if self._binary else payload.decode())  # type: ignore[union-attr]
-                    hot.frames_out += len(batch)
-                    hot.messages_out += 1
-                    if born:
-                        age = time.time() - born
-                        delivery.observe(age if age > 0.0 else 0.0)  # relayed: two pods' clocks may disagree
+                    payload, frames, born = self._next_message()
+                    await self.ws.send_message(payload if self._binary else payload.decode())
+                    self._sent(frames, born)
                 if self.close_request is not None:
                     code, reason = self.close_request
                     with trio.move_on_after(2):
@@ -338,7 +341,3 @@ class Connection:
             direct.abort()
         self.closed.set()
         self.cancel_scope.cancel()
-
-
-def _payload(data: str | bytes) -> bytes:
-    return data.encode() if isinstance(data, str) else data
