@@ -28,6 +28,7 @@ from protocol import codec, codes
 from transport import metrics
 from transport.directstream import DirectStream
 from transport.sendqueue import Push, SendQueue
+from transport.wsconn import OwnWebSocket
 from transport.wsframe import data_frame
 
 MAX_BATCH_FRAMES = 256
@@ -48,7 +49,7 @@ def encode_for(out: Outgoing, subprotocol: str) -> bytes:
     return data
 
 
-class _Sleeper:
+class Sleeper:
     """One task asleep until woken: the cheapest wait trio has (an Event per wake-up costs more per message)."""
 
     __slots__ = ("_task",)
@@ -78,7 +79,7 @@ class Flusher:
 
     def __init__(self) -> None:
         self._marked: list[Connection] = []
-        self._sleeper = _Sleeper()
+        self._sleeper = Sleeper()
 
     def mark(self, conn: Connection) -> None:
         self._marked.append(conn)
@@ -102,7 +103,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocketConnection | OwnWebSocket,
         device: str,
         subprotocol: str,
         queue_limit: int,
@@ -116,14 +117,14 @@ class Connection:
         self.subprotocol = subprotocol
         self._binary = subprotocol != codec.JSON_SUBPROTOCOL
         # The fast path needs both: our stream under trio-websocket (plain TCP), and a flusher to write for us.
-        stream = getattr(ws, "_stream", None)  # trio-websocket keeps the stream it was given here (pinned)
+        stream = ws.stream if isinstance(ws, OwnWebSocket) else None
         self._direct: DirectStream | None = stream if flusher is not None and isinstance(stream, DirectStream) else None
         self._flusher = flusher
         self._marked = False  # waiting in the flusher's list
         self.conn_id = next(_ids)
         self._link_id = f"{pod}/{self.conn_id}"
         self.queue = SendQueue(queue_limit, queue_bytes)
-        self._writer = _Sleeper()  # the resident writer (trio-websocket's path), while it waits for frames
+        self._writer = Sleeper()  # the resident writer (trio-websocket's path), while it waits for frames
         self._writing = False  # fast path: a writer task is running (it takes the queue before it ends)
         self.tasks: trio.Nursery | None = None  # the connection's nursery (set by `start`)
         self.on_resync: Callable[[], None] | None = None  # asks the session for a fresh welcome (set on attach)

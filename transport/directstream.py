@@ -79,6 +79,27 @@ class DirectStream(trio.abc.HalfCloseableStream):
             if self._error is not None:
                 raise trio.BrokenResourceError(f"connection lost: {self._error}") from self._error
 
+    def read_nowait(self, max_bytes: int) -> bytes | None:
+        """What the kernel holds now, without a checkpoint: None when nothing (wait with `wait_readable`), b""
+        at end of stream. Raises `trio.ClosedResourceError` after `aclose`, `trio.BrokenResourceError` when the
+        peer reset the connection. The reader of our own WebSocket (transport/wsconn.py) reads this way."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        try:
+            return os.read(self.socket.fileno(), max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+
+    async def wait_readable(self) -> None:
+        """Until the socket has bytes (or EOF, or an error) to read."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        await trio.lowlevel.wait_readable(self.socket)
+
     # ---- trio.abc.HalfCloseableStream ---------------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

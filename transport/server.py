@@ -1,4 +1,5 @@
-"""The trio-websocket shell around the sans-I/O codec: handshake, hello, auth, and frame pumping.
+"""The WebSocket shell around the sans-I/O codec: handshake, hello, auth, and frame pumping. Plain TCP runs on
+our own WebSocket (transport/wsconn.py); TLS, or `SESSIOND_WS_FAST_PATH=0`, on trio-websocket.
 
 Every connection runs in its own nursery under `handle`, which never lets an exception escape:
 one failing handler would otherwise tear down `serve_websocket` and every other device (TRAPS).
@@ -6,7 +7,7 @@ one failing handler would otherwise tear down `serve_websocket` and every other 
 
 from __future__ import annotations
 
-import random
+import contextlib
 import ssl
 import time
 from collections import Counter
@@ -35,10 +36,15 @@ from protocol import codec, codes
 from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
 from transport import metrics
 from transport.connection import Connection, Flusher
-from transport.directstream import DirectListener
+from transport.directstream import DirectListener, DirectStream
 from transport.ratelimit import TokenBucket
+from transport.watch import Watch, Watchman
+from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 
 log = structlog.get_logger("sessiond.ws")
+
+AnyRequest = WebSocketRequest | OwnRequest  # trio-websocket (TLS, fast path off) or our own (plain TCP)
+AnyWebSocket = WebSocketConnection | OwnWebSocket
 
 WS_PATH = "/v1/ws"
 MAX_ERRORS_IN_A_ROW = 100  # a peer that only sends garbage is cut instead of being answered forever
@@ -98,12 +104,14 @@ class WebSocketServer:
         self.port: int | None = None
         self._listener_scope = trio.CancelScope()
         self.flusher = Flusher() if config.fast_path and ssl_context is None else None
+        self.watchman = Watchman()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop_accepting()`; then wait for the open connections to end."""
         async with trio.open_nursery() as outer:
             if self.flusher is not None:
                 outer.start_soon(self.flusher.run)  # outlives every connection that may mark it
+            outer.start_soon(self.watchman.run)
             async with trio.open_nursery() as handlers:
                 port = await handlers.start(self._listen, handlers)
                 self.port = port
@@ -111,7 +119,8 @@ class WebSocketServer:
             outer.cancel_scope.cancel()
 
     async def _listen(self, handlers: trio.Nursery, *, task_status: trio.TaskStatus[int]) -> None:
-        """trio-websocket's `serve_websocket`, with our listeners: plain TCP ones hand out DirectStreams."""
+        """Plain TCP on the fast path: our own WebSocket (transport/wsconn.py) on DirectStreams, one task per
+        connection. TLS, or the fast path off: trio-websocket's `serve_websocket`."""
         listeners: list[Any]
         if self.ssl_context is not None:
             listeners = await trio.open_ssl_over_tcp_listeners(
@@ -121,7 +130,14 @@ class WebSocketServer:
         else:
             tcp = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
             port = tcp[0].socket.getsockname()[1]
-            listeners = [DirectListener(one) for one in tcp] if self.flusher is not None else list(tcp)
+            listeners = list(tcp)
+            if self.flusher is not None:
+                with self._listener_scope:
+                    await trio.serve_listeners(
+                        self._serve_own, [DirectListener(one) for one in tcp], handler_nursery=handlers,
+                        task_status=_Started(task_status, port),
+                    )
+                return
         server = trio_websocket.WebSocketServer(
             self.handle,
             listeners,
@@ -139,6 +155,21 @@ class WebSocketServer:
         with self._listener_scope:
             await server.run(task_status=_Started(task_status, port))
 
+    async def _serve_own(self, stream: DirectStream) -> None:
+        """One plain-TCP connection, in one task: the handshake (bounded like the hello), then `handle`."""
+        try:
+            request = None
+            with trio.move_on_after(self.config.hello_timeout_s):
+                request = await read_handshake(stream, self.config.max_frame_bytes * 2)
+            if request is not None:
+                await self.handle(request)
+        finally:
+            # What is still pending (a close frame) gets a moment to leave; then the socket is closed.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.drain()
+                await stream.aclose()
+
     def stop_accepting(self) -> None:
         self._listener_scope.cancel()
 
@@ -153,7 +184,7 @@ class WebSocketServer:
 
     # ---- one connection -----------------------------------------------------------------------
 
-    async def handle(self, request: WebSocketRequest) -> None:
+    async def handle(self, request: AnyRequest) -> None:
         try:
             await self._handle(request)
         except Exception as exc:  # never let one device take the server down
@@ -161,7 +192,7 @@ class WebSocketServer:
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: AnyRequest) -> None:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
         if request.path.split("?", 1)[0] != WS_PATH:
             metrics.CONNECTS.labels("not_found").inc()
@@ -186,7 +217,7 @@ class WebSocketServer:
         ws = await request.accept(subprotocol=subprotocol if offered else None)
         await self._session(ws, subprotocol, header_token)
 
-    async def _session(self, ws: WebSocketConnection, subprotocol: str, header_token: str | None) -> None:
+    async def _session(self, ws: AnyWebSocket, subprotocol: str, header_token: str | None) -> None:
         hello = await self._read_hello(ws, subprotocol)
         if hello is None:
             return
@@ -227,7 +258,7 @@ class WebSocketServer:
             if not self.per_user[claims.sub]:
                 del self.per_user[claims.sub]
 
-    async def _attached(self, ws: WebSocketConnection, subprotocol: str, hello: Hello, claims: VerifiedToken) -> None:
+    async def _attached(self, ws: AnyWebSocket, subprotocol: str, hello: Hello, claims: VerifiedToken) -> None:
         if self.on_user is not None:
             await self.on_user(claims.sub)
         cfg = self.config
@@ -260,7 +291,7 @@ class WebSocketServer:
             metrics.CONNECTIONS.dec()
             await _send_detach(actor, Detach(conn))
 
-    async def _read_hello(self, ws: WebSocketConnection, subprotocol: str) -> Hello | None:
+    async def _read_hello(self, ws: AnyWebSocket, subprotocol: str) -> Hello | None:
         data: str | bytes | None = None
         with trio.move_on_after(self.config.hello_timeout_s):
             try:
@@ -285,7 +316,7 @@ class WebSocketServer:
             return None
         return frame
 
-    async def _refuse(self, ws: WebSocketConnection, subprotocol: str, code: str, message: str, close: int) -> None:
+    async def _refuse(self, ws: AnyWebSocket, subprotocol: str, code: str, message: str, close: int) -> None:
         """Tell the device why, then close: a clear error for every refused connection."""
         metrics.CONNECTS.labels(code).inc()
         metrics.CLOSES.labels(str(close)).inc()
@@ -296,13 +327,21 @@ class WebSocketServer:
             except ConnectionClosed:
                 pass
 
-    async def _pump(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, claims: VerifiedToken) -> None:
+    async def _pump(self, ws: AnyWebSocket, conn: Connection, actor: ActorRef, claims: VerifiedToken) -> None:
+        cfg = self.config
         try:
             with conn.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     conn.start(nursery)
-                    watch = _Watch(ws, conn, self.config, claims.exp, claims.sub)
-                    nursery.start_soon(watch.run, nursery)
+                    timers = (cfg.ping_interval_s, cfg.idle_timeout_s)
+                    if isinstance(ws, OwnWebSocket):
+                        watch = Watch(conn, claims.exp, claims.sub, ws.ping_nowait, *timers)
+                        ws.on_pong = watch.seen
+                    else:
+                        pinger = _LibraryPinger(ws, nursery, cfg.idle_timeout_s)
+                        watch = Watch(conn, claims.exp, claims.sub, pinger.ping, *timers)
+                        pinger.watch = watch
+                    self.watchman.add(watch)
                     await self._read_loop(ws, conn, actor, watch)
                     if conn.close_request is not None:
                         # We are closing: the writer flushes and sends the close frame (bounded by the connection's
@@ -314,13 +353,18 @@ class WebSocketServer:
             conn.tasks = None  # that nursery is gone: a late flush must not start a writer in it
             conn.closed.set()  # on the fast path no writer may have run to say so
 
-    async def _read_loop(self, ws: WebSocketConnection, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
-        """Take the device's messages until it closes. On the fast path (plain TCP) they are handed over inline:
-        trio-websocket's reader task calls `take` as it parses each one, instead of queueing it in a channel for
-        this task (a channel hop and a task switch per incoming message); this task then only waits for the end."""
+    async def _read_loop(self, ws: AnyWebSocket, conn: Connection, actor: ActorRef, watch: Watch) -> None:
+        """Take the device's messages until it closes. On the fast path (our own WebSocket) this task is the
+        reader and takes each message as it is parsed: no channel hop, no task switch per incoming message."""
         take = _Taker(self, conn, actor, watch).take
-        if conn.fast:
-            _hand_over_inline(ws, conn, take)
+        if isinstance(ws, OwnWebSocket):
+
+            def failed(exc: Exception) -> None:  # never let one message's bug end the reader silently
+                log.error("websocket message handling failed", exc_info=exc)
+                conn.close(codes.INTERNAL_ERROR, "internal error")
+
+            await ws.run(take, failed)
+            return
         while conn.close_request is None:  # once closing (expired token, eviction...) nothing more is taken
             try:
                 data = await ws.get_message()
@@ -328,7 +372,7 @@ class WebSocketServer:
                 return
             take(data)
 
-    def _message_for(self, conn: Connection, watch: _Watch, data: str | bytes) -> Any:
+    def _message_for(self, conn: Connection, watch: Watch, data: str | bytes) -> Any:
         """The actor message for one frame; `_HANDLED` when answered here; None after an error frame."""
         cfg = self.config
         if len(data) > cfg.max_frame_bytes or (
@@ -352,7 +396,7 @@ class WebSocketServer:
         self._error(conn, codes.BAD_FRAME, "already joined: hello only once per connection")
         return None
 
-    def _refresh(self, conn: Connection, watch: _Watch, token: str) -> bool:
+    def _refresh(self, conn: Connection, watch: Watch, token: str) -> bool:
         """In-band token refresh: same subject, new expiry (DESIGN §3 `auth`). False after an error frame."""
         try:
             claims = self.verifier.verify(token)
@@ -363,6 +407,7 @@ class WebSocketServer:
             self._error(conn, codes.E_FORBIDDEN, "a refreshed token must name the same user")
             return False
         watch.extend(claims.exp)
+        self.watchman.reschedule(watch)
         conn.send_nowait(codec.Encoded({"t": "authed", "exp": claims.exp}))
         return True
 
@@ -376,7 +421,7 @@ class _Taker:
 
     __slots__ = ("actor", "bucket", "conn", "errors_in_a_row", "server", "watch")
 
-    def __init__(self, server: WebSocketServer, conn: Connection, actor: ActorRef, watch: _Watch) -> None:
+    def __init__(self, server: WebSocketServer, conn: Connection, actor: ActorRef, watch: Watch) -> None:
         self.server = server
         self.conn = conn
         self.actor = actor
@@ -421,44 +466,6 @@ class _Taker:
         conn.await_ack(message.op_id, _ACK_KIND[type(message)], decoded_at)
 
 
-class _InlineChannel:
-    """Stands in for trio-websocket's send channel of parsed messages: each one is taken at once, in the
-    library's reader task. The library closes its real channel when the reader ends (`async with`, entered
-    before we swap), so `get_message` still tells our task that the connection is gone."""
-
-    __slots__ = ("conn", "inner", "take")
-
-    def __init__(self, inner: Any, take: Callable[[str | bytes], None], conn: Connection) -> None:
-        self.inner = inner  # the real channel: closing it is how `get_message` learns of the close
-        self.take = take
-        self.conn = conn
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def send(self, message: str | bytes) -> None:
-        try:
-            self.take(message)
-        except Exception as exc:  # in the library's reader task: never let it escape into the server's nursery
-            log.error("websocket message handling failed", exc_info=exc)
-            self.conn.close(codes.INTERNAL_ERROR, "internal error")
-
-
-def _hand_over_inline(ws: WebSocketConnection, conn: Connection, take: Callable[[str | bytes], None]) -> None:
-    """From now on messages go to `take` as trio-websocket parses them. Those already queued (sent right after
-    the hello) are taken first, in order; nothing awaits in between, so none can slip past. Relies on
-    trio-websocket's `_send_channel`/`_recv_channel` (pinned in pyproject.toml; tests/transport/test_fast_path.py
-    fails if they change)."""
-    receive = ws._recv_channel
-    while True:
-        try:
-            data = receive.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            break
-        take(data)
-    ws._send_channel = _InlineChannel(ws._send_channel, take, conn)  # type: ignore[assignment]
-
-
 class _Started:
     """Passes trio-websocket's "started" on as the port we listen on."""
 
@@ -470,60 +477,34 @@ class _Started:
         self.inner.started(self.port)
 
 
-class _Watch:
-    """Keepalive pings, the idle cut-off and token expiry of one connection."""
+class _LibraryPinger:
+    """Keepalive pings on trio-websocket's path, where a ping is awaited until its pong: one in flight at most,
+    in the connection's nursery; an unanswered one is abandoned at the idle timeout."""
 
-    def __init__(self, ws: WebSocketConnection, conn: Connection, config: WsConfig, exp: float, sub: str) -> None:
+    __slots__ = ("idle_timeout_s", "nursery", "pinging", "watch", "ws")
+
+    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery, idle_timeout_s: float) -> None:
         self.ws = ws
-        self.conn = conn
-        self.config = config
-        self.sub = sub
-        self.last_seen = trio.current_time()
-        self._exp = exp
-        self._exp_changed = trio.Event()
-        self._pinging = False
+        self.nursery = nursery
+        self.idle_timeout_s = idle_timeout_s
+        self.pinging = False
+        self.watch: Watch | None = None
 
-    def extend(self, exp: float) -> None:
-        self._exp = exp
-        self._exp_changed.set()
-
-    async def run(self, nursery: trio.Nursery) -> None:
-        """One task per connection for all its timers: pings (in `nursery`), the idle cut-off, token expiry."""
-        cfg = self.config
-        # A random phase per connection: devices that connected together are not all pinged in one burst.
-        next_ping = trio.current_time() + random.uniform(0, cfg.ping_interval_s)
-        while True:
-            expires_at = trio.current_time() + (self._exp - time.time())
-            with trio.move_on_at(min(next_ping, expires_at)):
-                await self._exp_changed.wait()  # a refreshed token moves the expiry
-            if self._exp_changed.is_set():
-                self._exp_changed = trio.Event()
-            now = trio.current_time()
-            if self._exp <= time.time():
-                metrics.CLOSES.labels(str(codes.UNAUTHORIZED)).inc()
-                self.conn.send_nowait(codec.error_frame(codes.E_UNAUTHORIZED, "token expired"))
-                self.conn.close(codes.UNAUTHORIZED, "token expired")
-                return
-            if now >= next_ping:
-                if now - self.last_seen >= cfg.idle_timeout_s:
-                    metrics.CLOSES.labels(str(codes.GOING_AWAY)).inc()
-                    self.conn.close(codes.GOING_AWAY, "idle timeout")
-                    return
-                if not self._pinging:
-                    nursery.start_soon(self._ping)
-                next_ping = now + cfg.ping_interval_s
+    def ping(self) -> None:
+        if not self.pinging:
+            self.pinging = True
+            self.nursery.start_soon(self._ping)
 
     async def _ping(self) -> None:
-        """One ping in flight at most; an unanswered one is abandoned at the idle timeout."""
-        self._pinging = True
         try:
-            with trio.move_on_after(self.config.idle_timeout_s):
+            with trio.move_on_after(self.idle_timeout_s):
                 await self.ws.ping()
-                self.last_seen = trio.current_time()
+                if self.watch is not None:
+                    self.watch.seen()
         except (ConnectionClosed, ValueError):
             pass
         finally:
-            self._pinging = False
+            self.pinging = False
 
 
 def _cheap_id(data: str | bytes) -> int | None:

@@ -11,6 +11,9 @@ import struct
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
 _FIN = 0x80
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
@@ -25,3 +28,10 @@ def data_frame(payload: bytes, *, binary: bool) -> bytes:
     if size < 0x10000:
         return _LEN16.pack(first, 126, size) + payload
     return _LEN64.pack(first, 127, size) + payload
+
+
+def control_frame(opcode: int, payload: bytes) -> bytes:
+    """A close, ping or pong frame; its payload is at most 125 bytes (RFC 6455 §5.5)."""
+    if len(payload) > 125:
+        raise ValueError("a control frame carries at most 125 bytes")
+    return bytes((_FIN | opcode, len(payload))) + payload

@@ -185,9 +185,9 @@ async def test_a_session_ended_while_frames_flow_closes_after_the_last_frame(
 async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """Ops pipelined right behind the hello wait in trio-websocket's channel while the session attaches; they
-    are taken first, then the inline hand-over takes the rest (no channel, no task switch)."""
-    from transport.server import _InlineChannel
+    """Ops pipelined right behind the hello wait, parsed, while the session attaches; they are taken first, in
+    order, then the connection's own task takes the rest as it reads them."""
+    from transport.wsconn import OwnWebSocket
 
     h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
     sid = await h.create_session()
@@ -200,7 +200,7 @@ async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
         acks = [(await dev.recv_type("ack")) for _ in range(30)]
         assert [a["id"] for a in acks] == list(range(1, 31))
         assert [a["version"] for a in acks] == list(range(1, 31))
-        assert isinstance(server_link(h, sid, "p").ws._send_channel, _InlineChannel)
+        assert isinstance(server_link(h, sid, "p").ws, OwnWebSocket)
         async with h.rest() as http:
             assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 30}
     h.running.stop()
@@ -209,7 +209,7 @@ async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
 async def test_a_failure_while_taking_a_message_closes_that_connection_only(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An exception in the inline hand-over runs in trio-websocket's reader task: it must not reach the
+    """An exception while a message is taken inline, in the connection's reading task: it must not reach the
     server's nursery (every device would go), only close its own connection with 1011."""
     from transport.server import WebSocketServer
 

@@ -1,0 +1,309 @@
+"""Our own server WebSocket for plain TCP (issue 9): one task per connection, no library reader under it.
+
+trio-websocket gives every connection a reader task, a handler task, a channel between them and a wsproto state
+machine whose pure-Python parser unmasks each byte in Python: about a third of the server's CPU under load and
+most of an idle device's memory. Here the connection's own task is the reader: it reads the socket, parses frames
+with transport/wsread.py (sans-I/O) and hands each message to its taker inline; frames go out through the
+DirectStream (transport/directstream.py), written by transport/wsframe.py. The handshake stays wsproto's
+(its sans-I/O `H11Handshake`, with h11 underneath): the HTTP side is where a library earns its keep.
+
+What trio-websocket guaranteed is kept, and tested (tests/transport/test_wsconn.py): the close handshake in both
+directions, pings answered and our own keepalive pings, the message size cap (1009), UTF-8 checks (1007),
+protocol violations (1002), and `ConnectionClosed` with the peer's code when the connection ends. TLS connections
+and `SESSIOND_WS_FAST_PATH=0` keep trio-websocket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed
+from wsproto.connection import ConnectionType
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError
+
+from transport.directstream import DirectStream
+from transport.wsframe import OP_CLOSE, OP_PING, OP_PONG, control_frame, data_frame
+from transport.wsread import CloseFrame, Event, FrameReader, PingFrame, PongFrame, WsViolation
+
+RECEIVE_BYTES = 65536
+NORMAL_CLOSURE = 1000
+NO_STATUS = 1005
+ABNORMAL_CLOSURE = 1006
+MAX_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
+
+
+class OwnRequest:
+    """An opening handshake read and checked by wsproto, not yet answered (mirrors trio-websocket's request)."""
+
+    __slots__ = ("_event", "_handshake", "_max_message_bytes", "_stream")
+
+    def __init__(self, stream: DirectStream, handshake: H11Handshake, event: Request, max_message_bytes: int) -> None:
+        self._stream = stream
+        self._handshake = handshake
+        self._event = event
+        self._max_message_bytes = max_message_bytes
+
+    @property
+    def path(self) -> str:
+        return self._event.target
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """As trio-websocket gives them: lower-case names; Host, extensions and subprotocols are taken out."""
+        return list(self._event.extra_headers)
+
+    @property
+    def proposed_subprotocols(self) -> tuple[str, ...]:
+        return tuple(self._event.subprotocols)
+
+    async def reject(self, status: int, *, body: bytes = b"") -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        data = self._handshake.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += self._handshake.send(RejectData(data=body, body_finished=True))
+        self._stream.write_nowait(data)
+        await self._stream.drain()
+
+    async def accept(self, *, subprotocol: str | None) -> OwnWebSocket:
+        self._stream.write_nowait(self._handshake.send(AcceptConnection(subprotocol=subprotocol)))
+        # A client may not send frames before our 101 (RFC 6455 §4.1); any that came with the request anyway
+        # are what h11 holds past it.
+        h11_connection = getattr(self._handshake, "_h11_connection", None)
+        trailing = h11_connection.trailing_data[0] if h11_connection is not None else b""
+        ws = OwnWebSocket(self._stream, self._max_message_bytes)
+        if trailing:
+            ws.feed(bytes(trailing))
+        await self._stream.drain()
+        return ws
+
+
+async def read_handshake(stream: DirectStream, max_message_bytes: int) -> OwnRequest | None:
+    """The client's opening handshake; None when it went away or sent something else (answered 400 then).
+    The caller bounds the time it may take."""
+    handshake = H11Handshake(ConnectionType.SERVER)
+    while True:
+        data = await receive(stream)
+        if not data:
+            return None
+        try:
+            handshake.receive_data(data)
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint if isinstance(exc.event_hint, RejectConnection) else RejectConnection()
+            stream.write_nowait(handshake.send(hint))
+            await stream.drain()
+            return None
+        for event in handshake.events():
+            if isinstance(event, Request):
+                return OwnRequest(stream, handshake, event, max_message_bytes)
+
+
+async def receive(stream: DirectStream) -> bytes:
+    """Bytes from the socket, waiting for them if need be; b"" at end of stream or when the peer is gone."""
+    while True:
+        try:
+            data = stream.read_nowait(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        if data is not None:
+            return data
+        try:
+            await stream.wait_readable()
+        except trio.ClosedResourceError:
+            return b""
+
+
+class OwnWebSocket:
+    """An open WebSocket whose reading is done by whichever task awaits it: `run` (the connection's one task,
+    messages handed over inline), or `get_message` / `aclose` before and after that."""
+
+    __slots__ = ("_events", "_peer_closed", "_reader", "_reading", "closed", "on_pong", "stream")
+
+    def __init__(self, stream: DirectStream, max_message_bytes: int) -> None:
+        self.stream = stream
+        self._reader = FrameReader(max_message_bytes)
+        self._events: deque[Event] = deque()  # parsed, not yet handed over (a read can carry several messages)
+        self.closed: CloseReason | None = None  # set once a close frame went either way, or the connection died
+        self._peer_closed: trio.Event | None = None  # made when someone waits for the peer's close frame
+        self._reading = False  # a task is in `run` or `get_message`: `aclose` waits for it to see the close
+        self.on_pong: Callable[[], None] | None = None
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse bytes read off the socket (or left over from the handshake) into pending events."""
+        try:
+            self._events.extend(self._reader.feed(data))
+        except WsViolation as exc:
+            self._events.extend(exc.events)  # what came before the violation is still handed over, in order
+            self._events.append(CloseFrame(-exc.close_code, exc.reason))  # a negative code: ours, not the peer's
+
+    async def get_message(self) -> str | bytes:
+        """The next message; raises `ConnectionClosed` once the connection is closed."""
+        self._reading = True
+        try:
+            while True:
+                events = self._events
+                while events:
+                    event = events.popleft()
+                    if type(event) is str or type(event) is bytes:
+                        return event
+                    self._control(event)  # type: ignore[arg-type]
+                if self.closed is not None and self._peer_closed_seen():
+                    raise ConnectionClosed(self.closed)
+                data = await receive(self.stream)
+                if not data:
+                    self._lost()
+                    raise ConnectionClosed(self.closed)
+                self.feed(data)
+        finally:
+            self._reading = False
+
+    async def run(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> None:
+        """Read until the connection ends, handing each message to `take` as soon as it is parsed (`failed` gets
+        what `take` raised). The hot path: a read, a parse, a call; the socket is waited on only when empty."""
+        stream = self.stream
+        events = self._events
+        self._reading = True
+        try:
+            waited = True
+            while True:
+                while events:
+                    event = events.popleft()
+                    if type(event) is str or type(event) is bytes:
+                        try:
+                            take(event)
+                        except Exception as exc:
+                            failed(exc)
+                    else:
+                        self._control(event)  # type: ignore[arg-type]
+                if self.closed is not None and self._peer_closed_seen():
+                    return
+                try:
+                    data = stream.read_nowait(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if data is None:
+                    try:
+                        await stream.wait_readable()
+                    except trio.ClosedResourceError:
+                        self._lost()
+                        return
+                    waited = True
+                    continue
+                if not data:
+                    self._lost()
+                    return
+                if not waited:
+                    await trio.lowlevel.checkpoint()  # a peer that keeps us busy still lets everyone else run
+                waited = False
+                self.feed(data)
+        finally:
+            self._reading = False
+
+    def _peer_closed_seen(self) -> bool:
+        """Whether reading is over: the peer's close frame came, or the connection died, or we broke off."""
+        return self._peer_closed is not None and self._peer_closed.is_set()
+
+    def _control(self, event: PingFrame | PongFrame | CloseFrame) -> None:
+        if type(event) is PingFrame:
+            if self.closed is None:
+                self._write(control_frame(OP_PONG, event.payload))
+        elif type(event) is PongFrame:
+            if self.on_pong is not None:
+                self.on_pong()
+        else:
+            self._closing(event)  # type: ignore[arg-type]
+
+    def _closing(self, event: CloseFrame) -> None:
+        """The peer's close frame (echoed, unless it answers ours), or a violation of ours (negative code)."""
+        if event.code is not None and event.code < 0:
+            code, reason = -event.code, event.reason
+            if self.closed is None:
+                self.closed = CloseReason(code, reason)
+                self._write(_close_payload(code, reason))
+        else:
+            code = event.code if event.code is not None else NO_STATUS
+            if self.closed is None:
+                self.closed = CloseReason(code, event.reason or None)
+                self._write(_close_payload(event.code, event.reason))
+        self._events.clear()
+        self._over()
+
+    def _lost(self) -> None:
+        if self.closed is None:
+            self.closed = CloseReason(ABNORMAL_CLOSURE, None)
+        self._over()
+
+    def _over(self) -> None:
+        if self._peer_closed is None:
+            self._peer_closed = trio.Event()
+        self._peer_closed.set()
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # the reader finds out
+            self.stream.write_nowait(frame)
+
+    async def send_message(self, message: str | bytes) -> None:
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        binary = isinstance(message, bytes)
+        payload = message if isinstance(message, bytes) else message.encode()
+        try:
+            self.stream.write_nowait(data_frame(payload, binary=binary))
+            await self.stream.drain()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._lost()
+            raise ConnectionClosed(self.closed) from None
+
+    def ping_nowait(self, payload: bytes = b"") -> None:
+        """A keepalive ping; its pong calls `on_pong`."""
+        if self.closed is None:
+            self._write(control_frame(OP_PING, payload))
+
+    async def aclose(self, code: int = NORMAL_CLOSURE, reason: str | None = None) -> None:
+        """Send our close frame and wait for the peer's (the caller bounds the wait), reading it ourselves
+        when no task is reading; then close the TCP connection (the server closes first, RFC 6455 §7.1.1)."""
+        try:
+            if self.closed is None:
+                self.closed = CloseReason(code, reason)
+                self._write(_close_payload(code, reason or ""))
+                if self._peer_closed is None:
+                    self._peer_closed = trio.Event()
+            await self.stream.drain()
+            if self._reading:
+                assert self._peer_closed is not None
+                await self._peer_closed.wait()
+            else:
+                while not self._peer_closed_seen():
+                    self._events = deque(e for e in self._events if not isinstance(e, str | bytes))
+                    for event in list(self._events):
+                        self._control(event)  # type: ignore[arg-type]
+                    self._events.clear()
+                    if self._peer_closed_seen():
+                        break
+                    data = await receive(self.stream)
+                    if not data:
+                        self._over()
+                        break
+                    self.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+
+def _close_payload(code: int | None, reason: str) -> bytes:
+    """A close frame: the code and a reason cut to what fits (on a character boundary); none for no code."""
+    if code is None:
+        return control_frame(OP_CLOSE, b"")
+    raw = reason.encode()
+    if len(raw) > MAX_REASON_BYTES:
+        raw = raw[:MAX_REASON_BYTES].decode(errors="ignore").encode()
+    return control_frame(OP_CLOSE, code.to_bytes(2, "big") + raw)
