@@ -757,7 +757,10 @@ class Client implements SessionClient {
 }
 
 function closeQuietly(ws: WebSocketLike, reason: string): void {
-  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  // Closing a socket that is still connecting makes it report an error (node's `ws` emits one, and with no
+  // listener left it is an uncaught exception): keep a listener that ignores it.
+  ws.onerror = () => {};
   try {
     ws.close(1000, reason.replace(/[^\x20-\x7e]/g, "?").slice(0, 120)); // a close reason is limited to 123 bytes
   } catch {

@@ -86,6 +86,8 @@ export class Proxy {
   cuts = 0;
   /** While true, new connections are dropped at once (the device cannot reach the server). */
   blocked = false;
+  /** While true, what the server sends is thrown away (requests arrive and are applied, their answers are lost). */
+  dropReplies = false;
 
   constructor(private readonly targetPort: number) {}
 
@@ -102,7 +104,9 @@ export class Proxy {
         s.on("error", () => s.destroy());
       }
       inbound.pipe(outbound);
-      outbound.pipe(inbound);
+      outbound.on("data", (chunk: Buffer) => {
+        if (!this.dropReplies) inbound.write(chunk);
+      });
       inbound.on("close", () => outbound.destroy());
       outbound.on("close", () => inbound.destroy());
     });
