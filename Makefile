@@ -11,7 +11,7 @@ TEST_TIMEOUT ?= 1200
 # Dump every thread's stack when one test runs longer than this (diagnoses hangs without killing the run).
 HANG_DUMP ?= 300
 PYTEST_ARGS ?=
-TYPED := protocol actors transport storage api client
+TYPED := protocol runtime actors transport storage api client
 
 .PHONY: all venv run web test services tools lint bench clean distclean
 

@@ -21,6 +21,7 @@ from actors.leases import LeaseKeeper
 from actors.messages import ActorUnavailable, Message, Overloaded, Passivate, Shutdown
 from actors.session_actor import SessionActor, SessionNotFound, now_iso
 from protocol import codes
+from runtime.timers import TimerHeap
 from storage.ports import JSON, SessionRecord, Snapshot, Storage, save_durable
 
 log = structlog.get_logger("sessiond.registry")
@@ -45,6 +46,7 @@ class Registry:
         self._activating: dict[str, trio.Event] = {}
         self._failed: dict[str, float] = {}  # session -> trio time until which it stays failed
         self._nursery: trio.Nursery | None = None
+        self.alarms = TimerHeap()  # every actor's checkpoint and passivation alarm: one task, not one per actor
         self.closing = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -53,6 +55,7 @@ class Registry:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self.alarms.run)
                 task_status.started()
                 while True:
                     await trio.sleep(BUDGET_CHECK_S)
@@ -132,7 +135,7 @@ class Registry:
         assert self._nursery is not None, "Registry.run() is not running"
         done = self._activating[session_id] = trio.Event()
         try:
-            actor = SessionActor(session_id, self.storage, self.config, self.leases, self._retire)
+            actor = SessionActor(session_id, self.storage, self.config, self.leases, self._retire, self.alarms)
             await self._nursery.start(actor.run)
             self._actors[session_id] = actor
             return actor

@@ -213,8 +213,9 @@ class SessionState:
     # Each patch encoded (JSON bytes): bytes are not tracked by the cyclic GC. As dicts and lists, the windows of
     # all sessions were long-lived containers that every young collection walked and that made collections
     # frequent: the GC pauses behind the delivery tail (issue 9). Decoded only for a replay welcome.
-    replay: deque[bytes] = field(default_factory=deque)
-    replay_sizes: deque[int] = field(default_factory=deque)  # each replay patch's ops size (bytes, about)
+    # Made at the first patch: an empty deque is 760 bytes, and most actors are idle (issue 9: 6 KiB per actor).
+    replay: deque[bytes] | tuple[()] = ()
+    replay_sizes: deque[int] | tuple[()] = ()  # each replay patch's ops size (bytes, about)
     replay_bytes: int = 0  # their sum: the window is bounded in bytes as well as in patches (§5.5)
     acked: OrderedDict[str, Answers] = field(default_factory=OrderedDict)  # recently active devices, LRU
     acked_count: int = 0  # answers held in `acked`, for the memory budget (acked_bytes)
@@ -439,12 +440,15 @@ class SessionState:
     def _keep_for_replay(self, patch: bytes, size: int) -> None:
         """Keep an encoded patch (`size`: its ops' size) for resuming devices, within `replay_window` patches and
         `max_state_bytes` bytes."""
-        self.replay.append(patch)
-        self.replay_sizes.append(size)
+        replay, sizes = self.replay, self.replay_sizes
+        if not isinstance(replay, deque) or not isinstance(sizes, deque):
+            replay, sizes = self.replay, self.replay_sizes = deque(), deque()
+        replay.append(patch)
+        sizes.append(size)
         self.replay_bytes += size
-        while self.replay and (len(self.replay) > self.replay_window or self.replay_bytes > self.max_state_bytes):
-            self.replay.popleft()
-            self.replay_bytes -= self.replay_sizes.popleft()
+        while replay and (len(replay) > self.replay_window or self.replay_bytes > self.max_state_bytes):
+            replay.popleft()
+            self.replay_bytes -= sizes.popleft()
 
     def _size_check(self, state: dict[str, JSON]) -> None:
         size = len(orjson.dumps(state))

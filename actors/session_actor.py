@@ -24,6 +24,7 @@ from actors.checkpoints import Checkpointer
 from actors.config import ActorConfig
 from actors.delivery import recipients
 from actors.leases import LeaseKeeper
+from actors.mailbox import Mailbox
 from actors.messages import (
     ActorUnavailable,
     Attach,
@@ -63,6 +64,7 @@ from actors.session import (
 )
 from protocol import codes
 from protocol.codec import JSON_SUBPROTOCOL
+from runtime.timers import Entry, TimerHeap
 from storage.ports import Fenced, Storage, StorageError
 
 __all__ = ["ActorConfig", "SessionActor", "SessionNotFound", "now_iso"]
@@ -104,13 +106,14 @@ class SessionActor:
         config: ActorConfig,
         leases: LeaseKeeper,
         on_retire: Callable[[SessionActor], None],
+        alarms: TimerHeap,
     ) -> None:
         self.id = session_id
         self.storage = storage
         self.config = config
         self.leases = leases
         self._on_retire = on_retire
-        self._send, self._recv = trio.open_memory_channel[Message](config.mailbox_size)
+        self._mail: Mailbox[Message] = Mailbox(config.mailbox_size)
         self.links: dict[str, DeviceLink] = {}
         self.kinds: dict[str, str] = {}
         self.state: SessionState | None = None
@@ -127,7 +130,9 @@ class SessionActor:
         self._rate_known = False
         self.started_at = time.time()
         self._last_activity = trio.current_time()
-        self._timer_wake = trio.Event()
+        # The checkpoint and passivation alarm: an entry in the registry's one timer heap, not a task per actor.
+        self._alarms = alarms
+        self.timer_entry: Entry | None = None  # our place in the heap (runtime/timers.py)
         self._timer_armed = False
         self._joined_this_turn: set[str] = set()  # devices whose welcome is in this turn's effects
         self._inflight: list[Reply] = []
@@ -152,10 +157,10 @@ class SessionActor:
         if self.degraded and not isinstance(message, Detach | Shutdown | LeaseLost):
             raise ActorUnavailable("storage unavailable, retry shortly")
         try:
-            self._send.send_nowait(message)
+            self._mail.put_nowait(message)
         except trio.WouldBlock:
             raise Overloaded(f"session {self.id} is busy") from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             raise ActorUnavailable(f"session {self.id} is stopping") from None
 
     async def ask(self, message: Any, timeout_s: float = 10.0) -> Any:
@@ -168,8 +173,8 @@ class SessionActor:
             return
         self.lost = True
         # A full mailbox: the next turn sees `lost` first.
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            self._send.send_nowait(LeaseLost())
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._mail.put_nowait(LeaseLost())
 
     def change_rate(self, now: float | None = None) -> float:
         """Changes per second, an exponentially weighted average (time constant RATE_TAU_S) brought up to date
@@ -205,7 +210,7 @@ class SessionActor:
 
     def hot_row(self, now: float) -> metrics.HotRow:
         return metrics.HotRow(
-            self.id, self.change_rate(now), len(self.links), self._recv.statistics().current_buffer_used,
+            self.id, self.change_rate(now), len(self.links), len(self._mail),
             self.state_bytes,
         )
 
@@ -219,7 +224,7 @@ class SessionActor:
             "active": state.active if state else None,
             "version": state.version if state else None,
             "epoch": self.token,
-            "mailbox_depth": self._recv.statistics().current_buffer_used,
+            "mailbox_depth": len(self._mail),
             "messages_handled": self.handled,
             "messages_per_s": round(self.handled / max(time.time() - self.started_at, 1e-3), 2),
             "changes": self.changes,
@@ -238,11 +243,12 @@ class SessionActor:
     # ---- the loop -----------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """The mailbox loop, with a companion timer task: no cancel scope per message on the hot path."""
+        """The mailbox loop; background checkpoint writes run in its nursery. No cancel scope per message on the
+        hot path, no timer task: the alarm is an entry in the registry's timer heap."""
         try:
             async with trio.open_nursery() as nursery:
                 self.checkpoints.tasks = nursery
-                nursery.start_soon(self._timer)
+                self._rearm()
                 await self._serve_mailbox()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # strict nurseries wrap the serving task's error: unwrap it
@@ -250,15 +256,16 @@ class SessionActor:
                 raise group.exceptions[0] from None
             raise
         finally:
+            TimerHeap.cancel(self)
             self.checkpoints.stopped_serving()
 
     async def _serve_mailbox(self) -> None:
         while True:
-            message = await self._recv.receive()
+            message = await self._mail.get()
             batch: list[Message] = [message]
             while len(batch) < TURN_MAX:
                 try:
-                    batch.append(self._recv.receive_nowait())
+                    batch.append(self._mail.get_nowait())
                 except trio.WouldBlock:
                     break
             if message is not _TICK or len(batch) > 1:
@@ -275,24 +282,24 @@ class SessionActor:
             due = min(due, self.checkpoints.last_clock + self.checkpoints.period_s)
         return due
 
-    async def _timer(self) -> None:
-        """Posts a tick into the mailbox when a checkpoint or passivation may be due."""
-        while True:
-            due = self._next_due()
-            if trio.current_time() < due:
-                with trio.move_on_at(due):
-                    await self._timer_wake.wait()
-                self._timer_wake = trio.Event()
-                continue
-            try:
-                self._send.send_nowait(_TICK)
-            except trio.WouldBlock:  # busy: the mailbox is full, look again shortly
-                await trio.sleep(TICK_RETRY_S)
-                continue
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return
-            await self._timer_wake.wait()  # set once the tick was handled
-            self._timer_wake = trio.Event()
+    def _rearm(self) -> None:
+        self._alarms.schedule(self, self._next_due())
+
+    def expire(self, now: float) -> float:
+        """The alarm (called by the timer heap): post a tick into the mailbox once a checkpoint or passivation
+        may be due. The turn that handles the tick arms the next alarm."""
+        if self.gone or self.state is None:
+            return math.inf
+        due = self._next_due()  # activity since the alarm was set moves passivation later
+        if now < due:
+            return due
+        try:
+            self._mail.put_nowait(_TICK)
+        except trio.WouldBlock:  # busy: the mailbox is full, look again shortly
+            return now + TICK_RETRY_S
+        except trio.ClosedResourceError:
+            return math.inf
+        return math.inf
 
     async def _on_timer(self) -> bool:
         """Periodic checkpoint, and passivation of an idle actor. True when the actor stops."""
@@ -309,7 +316,7 @@ class SessionActor:
 
     async def _passivate(self, reason: str) -> bool:
         """Stop if no device is connected and nothing waits: final checkpoint first. True when stopped."""
-        if self.links or self._recv.statistics().current_buffer_used:
+        if self.links or len(self._mail):
             return False
         self.retire()
         assert self.state is not None
@@ -321,7 +328,7 @@ class SessionActor:
     def retire(self) -> None:
         """From here on no message reaches us: `tell` fails fast and the registry hands out a successor."""
         self.stopping = True
-        self._send.close()
+        self._mail.close()
         self._on_retire(self)
 
     @property
@@ -420,9 +427,9 @@ class SessionActor:
         if tick:
             if await self._on_timer():
                 return True
-            self._timer_wake.set()
+            self._rearm()
         elif not self._timer_armed and state.version != state.checkpointed_version:
-            self._timer_wake.set()  # state just became dirty: the timer must plan a checkpoint
+            self._rearm()  # state just became dirty: the alarm must plan a checkpoint
         return False
 
     async def _stop_for(self, shutdown: Shutdown) -> None:
@@ -571,11 +578,11 @@ class SessionActor:
 
     def fail_pending_mail(self) -> None:
         """Answer asks still in the mailbox so no caller waits for its timeout."""
-        self._send.close()
+        self._mail.close()
         while True:
             try:
-                message = self._recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                message = self._mail.get_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
                 return
             reply = getattr(message, "reply", None)
             if isinstance(reply, Reply):

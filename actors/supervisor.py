@@ -41,19 +41,22 @@ class RestartBudget:
     def __init__(self, max_restarts: int, window_s: float) -> None:
         self.max_restarts = max_restarts
         self.window_s = window_s
-        self._times: deque[float] = deque()
+        self._times: deque[float] | None = None  # made at the first crash: most actors never crash
 
     def decide(self, now: float) -> Directive:
-        while self._times and now - self._times[0] > self.window_s:
-            self._times.popleft()
-        if len(self._times) >= self.max_restarts:
+        times = self._times
+        if times is None:
+            times = self._times = deque()
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        if len(times) >= self.max_restarts:
             return Directive.STOP
-        self._times.append(now)
+        times.append(now)
         return Directive.RESTART
 
     @property
     def recent(self) -> int:
-        return len(self._times)
+        return len(self._times) if self._times is not None else 0
 
 
 async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "actors", "transport", "storage", "api", "client", "bench")
+PACKAGES = ("protocol", "runtime", "actors", "transport", "storage", "api", "client", "bench")
 
 # package -> module prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "protocol": ("actors", "transport", "storage", "api", "client", "bench"),  # pure: both sides import it
+    # Concurrency primitives (a sleeper, a timer heap) under actors/ and transport/: they know nothing of ours.
+    "runtime": ("protocol", "actors", "transport", "storage", "api", "client", "bench"),
     "actors": ("transport", "api", "client"),
     "storage": ("actors", "transport", "api", "client"),
     "transport": ("api",),

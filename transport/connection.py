@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import Outgoing
 from protocol import codec, codes
+from runtime.sleeper import Sleeper
 from transport import metrics
 from transport.directstream import DirectStream
 from transport.sendqueue import Push, SendQueue
@@ -47,30 +48,6 @@ def encode_for(out: Outgoing, subprotocol: str) -> bytes:
     if data is None:
         data = out.encoded[subprotocol] = codec.encode_bytes(out.frame, subprotocol)
     return data
-
-
-class Sleeper:
-    """One task asleep until woken: the cheapest wait trio has (an Event per wake-up costs more per message)."""
-
-    __slots__ = ("_task",)
-
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None
-
-    def wake(self) -> None:
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
-
-    async def sleep(self) -> None:
-        self._task = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class Flusher:

@@ -34,11 +34,12 @@ from actors.messages import (
 from actors.router import Router
 from protocol import codec, codes
 from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
+from runtime.timers import TimerHeap
 from transport import metrics
 from transport.connection import Connection, Flusher
 from transport.directstream import DirectListener, DirectStream
 from transport.ratelimit import TokenBucket
-from transport.watch import Watch, Watchman
+from transport.watch import Watch
 from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 
 log = structlog.get_logger("sessiond.ws")
@@ -104,14 +105,14 @@ class WebSocketServer:
         self.port: int | None = None
         self._listener_scope = trio.CancelScope()
         self.flusher = Flusher() if config.fast_path and ssl_context is None else None
-        self.watchman = Watchman()
+        self.timers = TimerHeap()  # every connection's pings, idle cut-off and token expiry (transport/watch.py)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop_accepting()`; then wait for the open connections to end."""
         async with trio.open_nursery() as outer:
             if self.flusher is not None:
                 outer.start_soon(self.flusher.run)  # outlives every connection that may mark it
-            outer.start_soon(self.watchman.run)
+            outer.start_soon(self.timers.run)
             async with trio.open_nursery() as handlers:
                 port = await handlers.start(self._listen, handlers)
                 self.port = port
@@ -341,7 +342,7 @@ class WebSocketServer:
                         pinger = _LibraryPinger(ws, nursery, cfg.idle_timeout_s)
                         watch = Watch(conn, claims.exp, claims.sub, pinger.ping, *timers)
                         pinger.watch = watch
-                    self.watchman.add(watch)
+                    self.timers.schedule(watch, watch.next_due())
                     await self._read_loop(ws, conn, actor, watch)
                     if conn.close_request is not None:
                         # We are closing: the writer flushes and sends the close frame (bounded by the connection's
@@ -407,7 +408,7 @@ class WebSocketServer:
             self._error(conn, codes.E_FORBIDDEN, "a refreshed token must name the same user")
             return False
         watch.extend(claims.exp)
-        self.watchman.reschedule(watch)
+        self.timers.schedule(watch, watch.next_due())
         conn.send_nowait(codec.Encoded({"t": "authed", "exp": claims.exp}))
         return True
 

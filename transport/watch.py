@@ -1,14 +1,13 @@
-"""Keepalive pings, the idle cut-off and token expiry of every connection, timed by one task for the server.
+"""Keepalive pings, the idle cut-off and token expiry of a connection, timed by the server's one timer heap.
 
 A task per connection that sleeps for 20 s at a time costs a task's memory on every idle device (issue 9: at most
-25 KiB per idle device). The `Watchman` keeps one heap of deadlines instead and wakes for the earliest; each
-connection's `Watch` says what is due and does it.
+25 KiB per idle device). The server keeps one `TimerHeap` (runtime/timers.py) instead; each connection's `Watch`
+says when it is due and does what is due.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import math
 import random
 import time
 from collections.abc import Callable
@@ -16,15 +15,18 @@ from collections.abc import Callable
 import trio
 
 from protocol import codec, codes
+from runtime.timers import Entry
 from transport import metrics
-from transport.connection import Connection, Sleeper
+from transport.connection import Connection
 
 
 class Watch:
     """One connection's timers: a ping every `ping_interval_s` (by `ping`, which must not block), a close
     after `idle_timeout_s` without a message or pong, and a close when the token expires."""
 
-    __slots__ = ("_exp", "_next_ping", "conn", "due", "idle_timeout_s", "last_seen", "ping", "ping_interval_s", "sub")
+    __slots__ = (
+        "_exp", "_next_ping", "conn", "idle_timeout_s", "last_seen", "ping", "ping_interval_s", "sub", "timer_entry",
+    )
 
     def __init__(
         self,
@@ -45,7 +47,7 @@ class Watch:
         self._exp = exp
         # A random phase per connection: devices that connected together are not all pinged in one burst.
         self._next_ping = now + random.uniform(0, ping_interval_s)
-        self.due = 0.0  # when the watchman calls `fire` next (0.0: not scheduled yet)
+        self.timer_entry: Entry | None = None  # our place in the server's timer heap (runtime/timers.py)
 
     @property
     def over(self) -> bool:
@@ -61,58 +63,20 @@ class Watch:
     def extend(self, exp: float) -> None:
         self._exp = exp
 
-    def fire(self, now: float) -> None:
-        """Do what is due; the watchman reschedules at `next_due()` unless the connection is over."""
+    def expire(self, now: float) -> float:
+        """Do what is due; the next deadline, or math.inf once the connection is over."""
+        if self.over:
+            return math.inf
         if self._exp <= time.time():
             metrics.CLOSES.labels(str(codes.UNAUTHORIZED)).inc()
             self.conn.send_nowait(codec.error_frame(codes.E_UNAUTHORIZED, "token expired"))
             self.conn.close(codes.UNAUTHORIZED, "token expired")
-            return
+            return math.inf
         if now >= self._next_ping:
             if now - self.last_seen >= self.idle_timeout_s:
                 metrics.CLOSES.labels(str(codes.GOING_AWAY)).inc()
                 self.conn.close(codes.GOING_AWAY, "idle timeout")
-                return
+                return math.inf
             self.ping()
             self._next_ping = now + self.ping_interval_s
-
-
-class Watchman:
-    """The one task that fires every connection's `Watch` when it is due."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Watch]] = []
-        self._order = itertools.count()  # ties never compare two Watches
-        self._sleeper = Sleeper()
-
-    def add(self, watch: Watch) -> None:
-        self._schedule(watch, watch.next_due())
-
-    def reschedule(self, watch: Watch) -> None:
-        """The watch's deadline moved (a refreshed token): the old heap entry goes stale and is skipped."""
-        self._schedule(watch, watch.next_due())
-
-    def _schedule(self, watch: Watch, due: float) -> None:
-        watch.due = due
-        heap = self._heap
-        earliest = heap[0][0] if heap else None
-        heapq.heappush(heap, (due, next(self._order), watch))
-        if earliest is None or due < earliest:
-            self._sleeper.wake()
-
-    async def run(self) -> None:
-        heap = self._heap
-        while True:
-            if not heap:
-                await self._sleeper.sleep()
-                continue
-            with trio.move_on_at(heap[0][0]):
-                await self._sleeper.sleep()
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                due, _, watch = heapq.heappop(heap)
-                if due != watch.due or watch.over:
-                    continue  # stale (rescheduled) or its connection is over
-                watch.fire(now)
-                if not watch.over:
-                    self._schedule(watch, watch.next_due())
+        return self.next_due()

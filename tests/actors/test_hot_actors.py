@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.config import ActorConfig
 from actors.metrics import HotActorsCollector, HotRow, select_hot
 from actors.session_actor import RATE_MIN_DT_S, RATE_TAU_S, SessionActor
+from runtime.timers import TimerHeap
 from tests.integration.harness import Harness, raw_device, start_server
 
 FAMILIES = (
@@ -109,7 +110,7 @@ def test_collector_without_a_running_loop_exports_nothing() -> None:
 
 
 async def test_change_rate_is_a_recent_average_whoever_reads_it() -> None:
-    actor = SessionActor("s", None, ActorConfig(), None, lambda _: None)  # type: ignore[arg-type]
+    actor = SessionActor("s", None, ActorConfig(), None, lambda _: None, TimerHeap())  # type: ignore[arg-type]
     t0 = actor._rate_at
     actor.changes = 20
     assert actor.change_rate(t0 + 2) == pytest.approx(10.0)  # first reading: the average since activation
@@ -125,7 +126,7 @@ async def test_change_rate_is_a_recent_average_whoever_reads_it() -> None:
 
 async def test_a_young_actor_reads_its_average_so_far_not_zero() -> None:
     """A scrape within RATE_MIN_DT_S of activation once showed a busy actor at 0 changes/s (CI, a fast run)."""
-    actor = SessionActor("s", None, ActorConfig(), None, lambda _: None)  # type: ignore[arg-type]
+    actor = SessionActor("s", None, ActorConfig(), None, lambda _: None, TimerHeap())  # type: ignore[arg-type]
     t0 = actor._rate_at
     actor.changes = 30
     assert actor.change_rate(t0 + RATE_MIN_DT_S / 2) == pytest.approx(30 / (RATE_MIN_DT_S / 2))

@@ -1,4 +1,4 @@
-"""The server-wide Watchman: each connection's pings, idle cut-off and token expiry, timed by one task.
+"""Each connection's pings, idle cut-off and token expiry (`Watch`), timed by the server's one `TimerHeap`.
 
 Driven on trio's MockClock (autojump), with a stand-in connection that records what the watch asked of it: the
 real Connection needs a socket, and the wiring to real sockets is covered by tests/integration/test_attacks.py
@@ -16,7 +16,8 @@ import trio.testing
 
 from protocol import codes
 from protocol.codec import Encoded
-from transport.watch import Watch, Watchman
+from runtime.timers import TimerHeap
+from transport.watch import Watch
 
 
 class RecordingConnection:
@@ -50,16 +51,21 @@ def make_watch(conn: RecordingConnection, pings: list[float], *, exp_in: float =
     )
 
 
+def add(timers: TimerHeap, watch: Watch) -> Watch:
+    timers.schedule(watch, watch.next_due())
+    return watch
+
+
 async def test_pings_every_interval_and_closes_a_silent_connection_at_the_idle_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    watchman = Watchman()
+    timers = TimerHeap()
     conn = RecordingConnection()
     pings: list[float] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchman.run)
+        nursery.start_soon(timers.run)
         start = trio.current_time()
-        watchman.add(make_watch(conn, pings))
+        add(timers, make_watch(conn, pings))
         await trio.sleep(200)
         nursery.cancel_scope.cancel()
     assert conn.close_request == (codes.GOING_AWAY, "idle timeout")
@@ -71,11 +77,11 @@ async def test_pings_every_interval_and_closes_a_silent_connection_at_the_idle_t
 
 
 async def test_a_connection_seen_alive_keeps_being_pinged(autojump_clock: trio.testing.MockClock) -> None:
-    watchman = Watchman()
+    timers = TimerHeap()
     conn = RecordingConnection()
     pings: list[float] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchman.run)
+        nursery.start_soon(timers.run)
         watch = make_watch(conn, pings)
 
         def ping_answered() -> None:
@@ -83,7 +89,7 @@ async def test_a_connection_seen_alive_keeps_being_pinged(autojump_clock: trio.t
             watch.seen()
 
         watch.ping = ping_answered
-        watchman.add(watch)
+        add(timers, watch)
         await trio.sleep(300)
         nursery.cancel_scope.cancel()
     assert conn.close_request is None
@@ -95,17 +101,17 @@ async def test_expiry_sends_an_error_and_closes_4001_and_a_refresh_moves_it(
 ) -> None:
     """Expiry is wall-clock (the token's `exp`): the test gives the watch an expiry in the past to fire it, after
     a refresh proved that the old, earlier deadline left in the heap is skipped."""
-    watchman = Watchman()
+    timers = TimerHeap()
     conn = RecordingConnection()
     pings: list[float] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchman.run)
+        nursery.start_soon(timers.run)
         watch = make_watch(conn, pings, exp_in=3600.0)
-        watchman.add(watch)
+        add(timers, watch)
         await trio.sleep(1)
         assert conn.close_request is None
         watch.extend(time.time() - 0.001)
-        watchman.reschedule(watch)
+        timers.schedule(watch, watch.next_due())
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert conn.close_request == (codes.UNAUTHORIZED, "token expired")
@@ -113,14 +119,14 @@ async def test_expiry_sends_an_error_and_closes_4001_and_a_refresh_moves_it(
 
 
 async def test_a_closed_connection_is_dropped_and_never_fired_again(autojump_clock: trio.testing.MockClock) -> None:
-    watchman = Watchman()
+    timers = TimerHeap()
     closed, open_ = RecordingConnection(), RecordingConnection()
     closed_pings: list[float] = []
     open_pings: list[float] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchman.run)
-        watchman.add(make_watch(closed, closed_pings))
-        watchman.add(make_watch(open_, open_pings))
+        nursery.start_soon(timers.run)
+        add(timers, make_watch(closed, closed_pings))
+        add(timers, make_watch(open_, open_pings))
         closed.closed.set()
         await trio.sleep(50)
         nursery.cancel_scope.cancel()
