@@ -46,6 +46,11 @@ class Checkpointer:
         self._busy: trio.Event | None = None  # set while a background checkpoint is being written
         self.tasks: trio.Nursery | None = None  # where background writes run (the actor's serving nursery)
 
+    def detach(self) -> None:
+        """The actor is done: drop its callback (a reference cycle actor -> checkpointer -> actor), so that it is
+        freed when the registry lets go of it, not at the next full collection (issue 8)."""
+        self._on_fenced = _nothing
+
     def due(self, state: SessionState, now: float) -> bool:
         """Changed since the last durable checkpoint, and a period has passed."""
         return state.version != state.checkpointed_version and now - self.last_clock >= self.period_s
@@ -164,3 +169,7 @@ class Checkpointer:
         if durable:
             state.checkpointed_version = max(state.checkpointed_version, snapshot.version)
             self.last_checkpoint_at = time.time()
+
+
+def _nothing() -> None:
+    pass

@@ -128,6 +128,7 @@ async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] =
                 await actor.leases.release(actor.id, token, lost=actor.lost)
         actor.stopped.set()
         actor.retire()
+        actor.checkpoints.detach()
 
 
 async def load(actor: SessionActor, *, wait_for_storage: bool) -> SessionState:
