@@ -33,10 +33,17 @@ class SendQueue:
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self._items: deque[tuple[bool, str | bytes]] = deque()  # (superseded by a welcome?, encoded frame)
+        # (superseded by a welcome?, encoded frame). Made at the first frame: an empty deque is 760 bytes, and
+        # most devices are idle most of the time (issue 9: at most 25 KiB per idle device).
+        self._items: deque[tuple[bool, str | bytes]] | tuple[()] = ()
         self._bytes = 0
         self._awaiting = False  # a resync welcome was asked for and has not arrived
         self._welcome_left = 0  # frames to take until the queued welcome is out (0: none queued)
+
+    def shrink(self) -> None:
+        """Give an empty queue's buffer back (called for idle devices, on their keepalive ping)."""
+        if not self._items:
+            self._items = ()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -98,7 +105,10 @@ class SendQueue:
         return batch
 
     def _append(self, superseded: bool, data: str | bytes) -> None:
-        self._items.append((superseded, data))
+        items = self._items
+        if not isinstance(items, deque):
+            items = self._items = deque()
+        items.append((superseded, data))
         self._bytes += len(data)
 
     def _drop_superseded(self) -> None:

@@ -216,6 +216,7 @@ class WebSocketServer:
         if authorization[:7].lower() == "bearer ":
             header_token = authorization[7:].strip()
         ws = await request.accept(subprotocol=subprotocol if offered else None)
+        del headers, authorization  # this frame lives as long as the connection: keep only what it needs
         await self._session(ws, subprotocol, header_token)
 
     async def _session(self, ws: AnyWebSocket, subprotocol: str, header_token: str | None) -> None:

@@ -78,5 +78,6 @@ class Watch:
                 self.conn.close(codes.GOING_AWAY, "idle timeout")
                 return math.inf
             self.ping()
+            self.conn.shrink()
             self._next_ping = now + self.ping_interval_s
         return self.next_due()

@@ -16,7 +16,6 @@ and `SESSIOND_WS_FAST_PATH=0` keep trio-websocket.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -35,6 +34,12 @@ NORMAL_CLOSURE = 1000
 NO_STATUS = 1005
 ABNORMAL_CLOSURE = 1006
 MAX_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes, 2 of them the code
+
+
+_DONE: H11Handshake = H11Handshake(ConnectionType.SERVER)  # stands in for a handshake that is over
+
+
+_DONE_REQUEST = Request(host="", target="")
 
 
 class OwnRequest:
@@ -74,6 +79,10 @@ class OwnRequest:
         # are what h11 holds past it.
         h11_connection = getattr(self._handshake, "_h11_connection", None)
         trailing = h11_connection.trailing_data[0] if h11_connection is not None else b""
+        # The request object lives as long as the connection (its handler's frame holds it); the handshake's
+        # h11 and wsproto state (about 3 KiB) is not needed any more.
+        self._handshake = _DONE
+        self._event = _DONE_REQUEST
         ws = OwnWebSocket(self._stream, self._max_message_bytes)
         if trailing:
             ws.feed(bytes(trailing))
@@ -125,7 +134,9 @@ class OwnWebSocket:
     def __init__(self, stream: DirectStream, max_message_bytes: int) -> None:
         self.stream = stream
         self._reader = FrameReader(max_message_bytes)
-        self._events: deque[Event] = deque()  # parsed, not yet handed over (a read can carry several messages)
+        # Parsed, not yet handed over (a read can carry several messages); a list, as it rarely holds more than a
+        # few: an empty deque is 760 bytes per connection.
+        self._events: list[Event] = []
         self.closed: CloseReason | None = None  # set once a close frame went either way, or the connection died
         self._peer_closed: trio.Event | None = None  # made when someone waits for the peer's close frame
         self._reading = False  # a task is in `run` or `get_message`: `aclose` waits for it to see the close
@@ -148,7 +159,7 @@ class OwnWebSocket:
             while True:
                 events = self._events
                 while events:
-                    event = events.popleft()
+                    event = events.pop(0)
                     if type(event) is str or type(event) is bytes:
                         return event
                     self._control(event)  # type: ignore[arg-type]
@@ -172,7 +183,7 @@ class OwnWebSocket:
             waited = True
             while True:
                 while events:
-                    event = events.popleft()
+                    event = events.pop(0)
                     if type(event) is str or type(event) is bytes:
                         try:
                             take(event)
@@ -281,7 +292,7 @@ class OwnWebSocket:
                 await self._peer_closed.wait()
             else:
                 while not self._peer_closed_seen():
-                    self._events = deque(e for e in self._events if not isinstance(e, str | bytes))
+                    self._events = [e for e in self._events if not isinstance(e, str | bytes)]
                     for event in list(self._events):
                         self._control(event)  # type: ignore[arg-type]
                     self._events.clear()

@@ -47,6 +47,10 @@ async def test_a_write_the_kernel_cannot_take_whole_is_kept_and_drained_in_order
             got.append(await read_exactly(client, len(payload) + 4))
     assert got[0] == payload + b"tail"
     assert direct.pending_bytes == 0
+    direct.shrink()  # an idle device gives the emptied buffer back; writing again still works
+    assert direct._pending == ()
+    direct.write_nowait(b"again")
+    assert await read_exactly(client, 5) == b"again"
     await direct.aclose()
     await client.aclose()
 

@@ -372,3 +372,15 @@ def test_sizes_count_the_encoded_length(data: str | bytes) -> None:
     assert q.push("patch", data) is Push.QUEUED
     assert q.queued_bytes == 7
     assert q.push("patch", data) is Push.RESYNC
+
+
+def test_an_idle_queue_holds_no_buffer_and_shrinks_back_once_empty() -> None:
+    """An idle device must not carry a 760-byte deque (issue 9: ≤ 25 KiB per idle device); a busy one keeps it."""
+    q = SendQueue(max_frames=4, max_bytes=1 << 20)
+    assert q.take(10, 1 << 20) == [] and len(q) == 0
+    assert q.push("patch", b"a") is Push.QUEUED
+    q.shrink()  # not empty: kept
+    assert q.take(10, 1 << 20) == [b"a"]
+    q.shrink()
+    assert q._items == ()
+    assert q.push("patch", b"b") is Push.QUEUED and q.take(10, 1 << 20) == [b"b"]

@@ -27,6 +27,10 @@ class RecordingConnection:
         self.close_request: tuple[int, str] | None = None
         self.closed = trio.Event()
         self.sent: list[Encoded] = []
+        self.shrunk = 0
+
+    def shrink(self) -> None:
+        self.shrunk += 1
 
     def close(self, code: int, reason: str) -> None:
         self.close_request = (code, reason)
@@ -94,6 +98,7 @@ async def test_a_connection_seen_alive_keeps_being_pinged(autojump_clock: trio.t
         nursery.cancel_scope.cancel()
     assert conn.close_request is None
     assert len(pings) >= 14
+    assert conn.shrunk == len(pings)  # an idle device gives its empty buffers back at each ping
 
 
 async def test_expiry_sends_an_error_and_closes_4001_and_a_refresh_moves_it(
