@@ -1,7 +1,7 @@
 """The `soak` scenario (issue 8): a long run under churn, dropped connections and a slice of hostile clients,
 watching the server's memory (RSS over time, its slope after warm-up) and counting every increment.
 
-Everything runs at once against one `sessiond serve`, for `--duration` seconds (default 30 min):
+Everything runs at once against one `sessiond serve`, for `--duration` seconds (default 35 min, 10 of warm-up):
 
 - **Steady sessions.** S sessions x 2 SDK devices (client/sdk.py) send `inc /n` at R ops/s each, through a
   loopback TCP proxy that cuts one random connection every second: the SDK reconnects, resumes with its epoch and
