@@ -178,13 +178,13 @@ class Connection:
             del awaited[next(iter(awaited))]
         awaited[op_id] = (decoded_at, kind)
 
-    # ---- the writer task ----------------------------------------------------------------------
-
     def shrink(self) -> None:
         """An idle device gives its empty buffers back (a deque is 760 bytes; issue 9: 25 KiB per idle device)."""
         self.queue.shrink()
         if self._direct is not None:
             self._direct.shrink()
+
+    # ---- the writer task ----------------------------------------------------------------------
 
     def send_nowait(self, frame: codec.Encoded) -> None:
         """A connection-level frame (error, authed) from the reader; never superseded, bounded like the rest."""

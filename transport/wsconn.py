@@ -292,10 +292,10 @@ class OwnWebSocket:
                 await self._peer_closed.wait()
             else:
                 while not self._peer_closed_seen():
-                    self._events = [e for e in self._events if not isinstance(e, str | bytes)]
-                    for event in list(self._events):
-                        self._control(event)  # type: ignore[arg-type]
-                    self._events.clear()
+                    events, self._events = self._events, []
+                    for event in events:  # messages after our close are dropped; control frames still count
+                        if not isinstance(event, str | bytes):
+                            self._control(event)
                     if self._peer_closed_seen():
                         break
                     data = await receive(self.stream)
