@@ -29,6 +29,21 @@ from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageError
 class Checkpointer:
     """The snapshot policy and writes of one actor; `state` is the actor's current SessionState."""
 
+    __slots__ = (
+        "_busy",
+        "_fast_version",
+        "_log",
+        "_on_fenced",
+        "config",
+        "last_checkpoint_at",
+        "last_clock",
+        "period_s",
+        "session_id",
+        "storage",
+        "tasks",
+        "token",
+    )
+
     def __init__(
         self, session_id: str, storage: Storage, config: ActorConfig, log: Any, on_fenced: Callable[[], None]
     ) -> None:

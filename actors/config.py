@@ -11,6 +11,7 @@ class ActorConfig:
     replay_window: int = 1000
     max_state_bytes: int = 1 << 20
     passivate_after_s: float = 300.0
+    dormant_after_s: float = 2.0  # idle this long, an actor gives its task back until its next message
     checkpoint_every_versions: int = 1000  # durable checkpoint (PostgreSQL / SQLite) every M versions ...
     checkpoint_every_s: float = 5.0  # ... or T seconds when changed
     fast_snapshot_every_versions: int | None = None  # tiered stores (Redis): a fast snapshot every N versions

@@ -64,6 +64,11 @@ class Mailbox(Generic[T]):
                 raise trio.EndOfChannel
             await self._reader.sleep()
 
+    def shrink(self) -> None:
+        """Give the empty buffer back (an actor going dormant): the next message makes a new one."""
+        if not self._items:
+            self._items = None
+
     def close(self) -> None:
         """No more messages in; what is queued can still be taken."""
         self._closed = True

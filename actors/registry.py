@@ -20,6 +20,7 @@ from actors.config import ActorConfig
 from actors.leases import LeaseKeeper
 from actors.messages import ActorUnavailable, Message, Overloaded, Passivate, Shutdown
 from actors.session_actor import SessionActor, SessionNotFound, now_iso
+from actors.supervisor import finish
 from protocol import codes
 from runtime.timers import TimerHeap
 from storage.ports import JSON, SessionRecord, Snapshot, Storage, save_durable
@@ -62,6 +63,10 @@ class Registry:
                     self.enforce_memory_budget()
                     self.forget_failures()
         finally:
+            # Dormant actors have no task to end them: end them here (their lease back, their mail answered).
+            with trio.CancelScope(shield=True):
+                for actor in [a for a in self._actors.values() if a.dormant]:
+                    await finish(actor, started=True, token=actor.token)
             metrics.HOT_ACTORS.detach(self)
 
     def hot_rows(self) -> list[metrics.HotRow]:

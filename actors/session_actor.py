@@ -71,6 +71,7 @@ __all__ = ["ActorConfig", "SessionActor", "SessionNotFound", "now_iso"]
 
 TURN_MAX = 256
 TICK_RETRY_S = 0.1
+DORMANT_RETRY_S = 0.25  # a background write kept the actor awake: look again this much later
 RATE_TAU_S = 5.0  # time constant of the changes/s average (admin view, hot-actor metrics)
 RATE_MIN_DT_S = 0.05  # reads closer together than this reuse the last average
 
@@ -82,6 +83,7 @@ class _Tick:
 
 
 _TICK: Any = _Tick()
+_NO_DEVICES: frozenset[str] = frozenset()
 
 
 class Unpersisted(Exception):
@@ -98,6 +100,44 @@ def now_iso() -> str:
 
 class SessionActor:
     """Owns one session's state and its connected devices (on this pod or relayed from others)."""
+
+    # Slots: a dict of ~40 attributes was 1.6 KiB of every actor's 6 KiB budget (issue 9).
+    __slots__ = (
+        "_alarms",
+        "_host",
+        "_inflight",
+        "_joined_this_turn",
+        "_last_activity",
+        "_mail",
+        "_on_retire",
+        "_rate",
+        "_rate_at",
+        "_rate_count",
+        "_rate_known",
+        "_sleep_not_before",
+        "_sleep_wanted",
+        "_timer_armed",
+        "changes",
+        "checkpoints",
+        "config",
+        "degraded",
+        "dormant",
+        "failed",
+        "handled",
+        "id",
+        "kinds",
+        "leases",
+        "links",
+        "log",
+        "lost",
+        "restart_budget",
+        "started_at",
+        "state",
+        "stopped",
+        "stopping",
+        "storage",
+        "timer_entry",
+    )
 
     def __init__(
         self,
@@ -134,8 +174,16 @@ class SessionActor:
         self._alarms = alarms
         self.timer_entry: Entry | None = None  # our place in the heap (runtime/timers.py)
         self._timer_armed = False
-        self._joined_this_turn: set[str] = set()  # devices whose welcome is in this turn's effects
+        # Devices whose welcome is in this turn's effects; a shared empty frozenset until a turn attaches one.
+        self._joined_this_turn: set[str] | frozenset[str] = _NO_DEVICES
         self._inflight: list[Reply] = []
+        # Dormancy: an actor idle for `dormant_after_s` gives its task back (an idle actor's budget is 6 KiB,
+        # and a task, its nursery and its frames are most of that); the next message starts a new one in `_host`.
+        self.dormant = False
+        self._host: trio.Nursery | None = None  # the nursery that hosts our task (the registry's)
+        self._sleep_wanted = False  # the timer found us idle: go dormant once this turn is done
+        self._sleep_not_before = 0.0
+        self.restart_budget: Any = None  # the supervisor's RestartBudget, made at the first crash
         self.log = log.bind(session=session_id)
         self.checkpoints = Checkpointer(session_id, storage, config, self.log, self.lease_lost)
 
@@ -157,11 +205,39 @@ class SessionActor:
         if self.degraded and not isinstance(message, Detach | Shutdown | LeaseLost):
             raise ActorUnavailable("storage unavailable, retry shortly")
         try:
-            self._mail.put_nowait(message)
+            self._post(message)
         except trio.WouldBlock:
             raise Overloaded(f"session {self.id} is busy") from None
         except trio.ClosedResourceError:
             raise ActorUnavailable(f"session {self.id} is stopping") from None
+
+    def _post(self, message: Message) -> None:
+        """Into the mailbox, waking a dormant actor (a new task in its host nursery)."""
+        self._mail.put_nowait(message)
+        if self.dormant:
+            host = self._host
+            assert host is not None
+            try:
+                host.start_soon(self._resume)
+            except RuntimeError:  # the registry stopped hosting actors: its teardown answers the mail
+                return
+            self.dormant = False
+
+    async def _resume(self) -> None:
+        from actors.supervisor import supervise
+
+        await supervise(self, resumed=True)
+
+    def fall_asleep(self) -> bool:
+        """The serving loop asked to go dormant and has unwound: give the task back unless mail came meanwhile.
+        Synchronous on purpose: nothing can slip in between the check and the flag."""
+        if len(self._mail) or self.gone:
+            return False
+        self.dormant = True
+        self._host = trio.lowlevel.current_task().parent_nursery
+        self._mail.shrink()
+        self._rearm()  # checkpoint and passivation still come, through the timer heap
+        return True
 
     async def ask(self, message: Any, timeout_s: float = 10.0) -> Any:
         self.tell(message)
@@ -174,7 +250,7 @@ class SessionActor:
         self.lost = True
         # A full mailbox: the next turn sees `lost` first.
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._mail.put_nowait(LeaseLost())
+            self._post(LeaseLost())
 
     def change_rate(self, now: float | None = None) -> float:
         """Changes per second, an exponentially weighted average (time constant RATE_TAU_S) brought up to date
@@ -242,24 +318,29 @@ class SessionActor:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    async def serve(self) -> None:
+    async def serve(self) -> bool:
         """The mailbox loop; background checkpoint writes run in its nursery. No cancel scope per message on the
-        hot path, no timer task: the alarm is an entry in the registry's timer heap."""
+        hot path, no timer task: the alarm is an entry in the registry's timer heap. True when the actor wants
+        to go dormant (the supervisor then calls `fall_asleep`), False when it stopped."""
+        sleepy = False
         try:
             async with trio.open_nursery() as nursery:
                 self.checkpoints.tasks = nursery
                 self._rearm()
-                await self._serve_mailbox()
+                sleepy = await self._serve_mailbox(nursery)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # strict nurseries wrap the serving task's error: unwrap it
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
         finally:
-            TimerHeap.cancel(self)
+            if not sleepy:
+                TimerHeap.cancel(self)
             self.checkpoints.stopped_serving()
+        return sleepy
 
-    async def _serve_mailbox(self) -> None:
+    async def _serve_mailbox(self, nursery: trio.Nursery) -> bool:
+        """Turns until the actor stops (False) or may go dormant (True: idle, no mail, no background write)."""
         while True:
             message = await self._mail.get()
             batch: list[Message] = [message]
@@ -268,18 +349,27 @@ class SessionActor:
                     batch.append(self._mail.get_nowait())
                 except trio.WouldBlock:
                     break
-            if message is not _TICK or len(batch) > 1:
+            if message is not _TICK or any(m is not _TICK for m in batch):  # ticks are no activity
                 self._last_activity = trio.current_time()
             if await self._turn(batch):
-                return
+                return False
+            if self._sleep_wanted:
+                self._sleep_wanted = False
+                if not len(self._mail) and not nursery.child_tasks:
+                    return True
+                self._sleep_not_before = trio.current_time() + DORMANT_RETRY_S
+                self._rearm()
 
     def _next_due(self) -> float:
-        """When the timer should look again: passivation, or the periodic checkpoint once state changed."""
+        """When the timer should look again: passivation, the periodic checkpoint once state changed, and while
+        the actor has a task, dormancy."""
         assert self.state is not None
         due = self._last_activity + self.config.passivate_after_s
         self._timer_armed = self.state.version != self.state.checkpointed_version
         if self._timer_armed:
             due = min(due, self.checkpoints.last_clock + self.checkpoints.period_s)
+        if not (self.dormant or self._sleep_wanted):
+            due = min(due, max(self._last_activity + self.config.dormant_after_s, self._sleep_not_before))
         return due
 
     def _rearm(self) -> None:
@@ -294,7 +384,7 @@ class SessionActor:
         if now < due:
             return due
         try:
-            self._mail.put_nowait(_TICK)
+            self._post(_TICK)
         except trio.WouldBlock:  # busy: the mailbox is full, look again shortly
             return now + TICK_RETRY_S
         except trio.ClosedResourceError:
@@ -312,6 +402,8 @@ class SessionActor:
             return True
         if idle:
             self._last_activity = now
+        if now - self._last_activity >= self.config.dormant_after_s and now >= self._sleep_not_before:
+            self._sleep_wanted = True  # checked once the turn is over (`_serve_mailbox`)
         return False
 
     async def _passivate(self, reason: str) -> bool:
@@ -347,7 +439,8 @@ class SessionActor:
         shutdown: Shutdown | None = None
         passivate = False
         tick = False
-        self._joined_this_turn.clear()
+        if self._joined_this_turn:
+            self._joined_this_turn = _NO_DEVICES
         links = self.links
         for message in batch:
             self.handled += 1
@@ -461,7 +554,10 @@ class SessionActor:
             old.close(codes.REPLACED, "replaced by a newer connection of this device")
         self.links[device] = message.link
         self.kinds[device] = message.kind
-        self._joined_this_turn.add(device)
+        joined = self._joined_this_turn
+        if not isinstance(joined, set):
+            joined = self._joined_this_turn = set()
+        joined.add(device)
         state.join(device, message.kind, message.resume, wall, message.resume_epoch)
 
     def _count(self, result: Accepted | Rejected) -> Accepted | Rejected:

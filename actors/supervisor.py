@@ -20,6 +20,7 @@ from actors import metrics
 from actors.messages import ActorUnavailable, NotOwner
 from actors.session import SessionState
 from protocol import codes
+from runtime.timers import TimerHeap
 from storage.ports import StorageError, StorageUnavailable
 
 if TYPE_CHECKING:
@@ -59,32 +60,47 @@ class RestartBudget:
         return len(self._times) if self._times is not None else 0
 
 
-async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Lease, load, serve, restart; always retires the actor and gives its lease back (unless it was lost)."""
+async def supervise(
+    actor: SessionActor, *, resumed: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Lease, load, serve, restart; always retires the actor and gives its lease back (unless it was lost).
+
+    An idle actor goes dormant: this task returns, keeping the lease, the state and the devices, and the next
+    message starts `supervise(resumed=True)`, which serves again without loading. Only the task that ends the
+    actor's life retires it.
+    """
     from actors.session_actor import OwnershipLost, SessionNotFound, Unpersisted
 
-    budget = RestartBudget(actor.config.max_restarts, actor.config.restart_window_s)
-    started = False
-    token = 0
+    started = resumed
+    token = actor.checkpoints.token if resumed else 0
+    dormant = False
     try:
-        token = await actor.leases.acquire(actor.id)  # ActorUnavailable / StorageUnavailable before `started`
-        actor.checkpoints.token = token
-        actor.leases.track(actor.id, token, actor.lease_lost)
+        if not resumed:
+            token = await actor.leases.acquire(actor.id)  # ActorUnavailable / StorageUnavailable before `started`
+            actor.checkpoints.token = token
+            actor.leases.track(actor.id, token, actor.lease_lost)
+        reload = not resumed
         while True:
             try:
-                actor.state = await load(actor, wait_for_storage=started)
-                actor.degraded = False
-                if not started and not actor.leases.is_mine(actor.id):
-                    raise NotOwner("the session was placed on another pod while it was loading")
-                if not started:
-                    metrics.ACTIVATIONS.inc()
-                    metrics.ACTORS_LIVE.inc()
-                    started = True
-                    task_status.started()
-                else:
-                    actor.resync_all()
-                await actor.serve()
-                return
+                if reload:
+                    actor.state = await load(actor, wait_for_storage=started)
+                    actor.degraded = False
+                    if not started and not actor.leases.is_mine(actor.id):
+                        raise NotOwner("the session was placed on another pod while it was loading")
+                    if not started:
+                        metrics.ACTIVATIONS.inc()
+                        metrics.ACTORS_LIVE.inc()
+                        started = True
+                        task_status.started()
+                    else:
+                        actor.resync_all()
+                reload = True
+                if not await actor.serve():
+                    return
+                if actor.fall_asleep():
+                    dormant = True
+                    return
+                reload = False  # mail came while the serving nursery closed: serve it, nothing to reload
             except SessionNotFound:
                 if not started:
                     raise
@@ -113,6 +129,11 @@ async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] =
                 actor.storage.events.publish(
                     "actor.crashed", actor.event_body("actor.crashed", {"error": type(exc).__name__})
                 )
+                budget = actor.restart_budget
+                if budget is None:  # kept on the actor: the window spans its dormant spells
+                    budget = actor.restart_budget = RestartBudget(
+                        actor.config.max_restarts, actor.config.restart_window_s
+                    )
                 if budget.decide(trio.current_time()) is Directive.STOP:
                     metrics.FAILED.inc()
                     actor.failed = True
@@ -120,15 +141,24 @@ async def supervise(actor: SessionActor, *, task_status: trio.TaskStatus[None] =
                     actor.close_links(codes.INTERNAL_ERROR, "session failed")
                     return
     finally:
-        actor.fail_pending_mail()
-        if started:
-            metrics.ACTORS_LIVE.dec()
-        if token:
-            with trio.CancelScope(shield=True):
-                await actor.leases.release(actor.id, token, lost=actor.lost)
-        actor.stopped.set()
-        actor.retire()
-        actor.checkpoints.detach()
+        if not dormant:
+            await finish(actor, started=started, token=token)
+
+
+async def finish(actor: SessionActor, *, started: bool, token: int) -> None:
+    """The end of an actor's life: answer what waits, give the lease back (unless lost), retire. Also run by
+    the registry for an actor still dormant when it stops hosting actors."""
+    actor.dormant = False
+    TimerHeap.cancel(actor)
+    actor.fail_pending_mail()
+    if started:
+        metrics.ACTORS_LIVE.dec()
+    if token:
+        with trio.CancelScope(shield=True):
+            await actor.leases.release(actor.id, token, lost=actor.lost)
+    actor.stopped.set()
+    actor.retire()
+    actor.checkpoints.detach()
 
 
 async def load(actor: SessionActor, *, wait_for_storage: bool) -> SessionState:
