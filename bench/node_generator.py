@@ -76,8 +76,10 @@ class NodeRun:
     log: list[str] = field(default_factory=list)
 
 
-async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, procs: int = 1) -> NodeRun:
-    """Run gen.mjs on `job`; `cpu` is started and stopped at the window edges the generator announces."""
+async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, procs: int = 1,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> NodeRun:
+    """Run gen.mjs on `job`; `cpu` is started and stopped at the window edges the generator announces. Every
+    other event (`connecting`, `connected`, `start` too) goes to `on_event`, on arrival."""
     argv = node_command(procs)
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, cwd=NODEGEN_DIR)
@@ -111,8 +113,10 @@ async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, pr
 
             last = [0.0, 0]  # elapsed, delivered at the previous progress event
 
-            def on_event(event: dict[str, Any]) -> None:
+            def handle(event: dict[str, Any]) -> None:
                 kind = event.get("event")
+                if on_event is not None and kind != "progress":
+                    on_event(event)
                 if kind == "start":
                     nursery.start_soon(measure, int(event["w0_ns"]), int(event["w1_ns"]))
                 elif kind == "progress":
@@ -131,7 +135,7 @@ async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, pr
                     for line in lines:
                         if line.startswith(EVENT_PREFIX):
                             try:
-                                on_event(orjson.loads(line))
+                                handle(orjson.loads(line))
                                 continue
                             except orjson.JSONDecodeError:
                                 pass

@@ -237,6 +237,8 @@ async def saturation(target: Any, opts: Options, progress: Progress = no_progres
 
 async def capacity(target: Any, opts: Options, progress: Progress = no_progress) -> dict[str, Any]:
     """Open N idle devices across sessions (D per session); connect rate and server RSS per device."""
+    if opts.generator == "node":
+        return await _capacity_node(target, opts, progress)
     n = opts.capacity_devices
     per = max(1, opts.devices)
     rec = Recorder()
@@ -269,6 +271,72 @@ async def capacity(target: Any, opts: Options, progress: Progress = no_progress)
         "rss_per_device_kb": per_device / 1024,
         "generator_cpu_util": gen_util, "generator_saturated": gen_util > GENERATOR_SATURATED,
         "errors": dict(rec.errors), "error_count": sum(rec.errors.values()),
+    }
+
+
+async def _capacity_node(target: Any, opts: Options, progress: Progress) -> dict[str, Any]:
+    """The same capacity figures with the devices on Node's `ws` (gen.mjs at rate 0): the connect rate is then
+    the server's, not that of a Python client near its own limit. The server's CPU is read over exactly the
+    connect phase (gen.mjs's `connecting` and `connected` events), its RSS once the devices were held
+    `capacity_hold` seconds."""
+    n = opts.capacity_devices
+    per = max(1, opts.devices)
+    rss0 = process_rss_bytes(target.pid) if target.pid else None
+    ids = await target.create_sessions(math.ceil(n / per), label="cap")
+    devices = [{"session": ids[i // per], "device": f"d{i % per}"} for i in range(n)]
+    hold = max(opts.capacity_hold, 0.5)
+    job = node_generator.make_job(target.ws_url, devices, target.token(), rate=0.0, warmup=hold, duration=0.5,
+                                  drain=0.0, connect_concurrency=opts.connect_concurrency)
+    connect_cpu = CpuWindow(target.pid)
+    seen: dict[str, Any] = {}
+    holding = trio.Event()  # gen.mjs announced its window: the devices are connected and held
+    held = trio.Event()
+    progress(0, n, {})
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "connecting":
+            connect_cpu.start()
+        elif kind == "connected":
+            connect_cpu.stop()
+            seen.update(event)
+            progress(int(event["connected"]), n, {"errors": int(event["failed"])})
+        elif kind == "start":
+            seen["hold_until_ns"] = (int(event["w0_ns"]) + int(event["w1_ns"])) // 2
+            holding.set()
+
+    async def read_rss() -> None:
+        await holding.wait()
+        await _sleep_until_ns(seen["hold_until_ns"])
+        seen["rss1"] = process_rss_bytes(target.pid) if target.pid else None
+        held.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_rss)
+        run = await node_generator.run(job, CpuWindow(None), lambda *_: None, procs=opts.generator_procs,
+                                       on_event=on_event)
+        with trio.move_on_after(5):
+            await held.wait()
+        nursery.cancel_scope.cancel()
+    out = run.result
+    connected = int(seen.get("connected", out["connected"]))
+    elapsed = float(seen.get("connect_s", math.nan))
+    rss1 = seen.get("rss1")
+    errors = {str(k): int(v) for k, v in out["errors"].items()}
+    gen_util = float(seen.get("connect_cpu_s", math.nan)) / elapsed if elapsed else math.nan
+    max_proc = float(seen.get("connect_max_proc_cpu_s", math.nan)) / elapsed if elapsed else math.nan
+    return {
+        "target": target.name, "storage": target.info.get("storage"),
+        "devices_requested": n, "devices_connected": connected,
+        "devices_alive_after_hold": connected - errors.get("disconnected", 0),
+        "connect_s": elapsed, "connect_rate_per_s": connected / elapsed if elapsed else math.nan,
+        "server_cpu_per_connect_ms": connect_cpu.server_s / connected * 1e3
+        if connect_cpu.server_s is not None and connected else math.nan,
+        "rss_before_mb": rss0 / 2**20 if rss0 else math.nan, "rss_after_mb": rss1 / 2**20 if rss1 else math.nan,
+        "rss_per_device_kb": (rss1 - rss0) / connected / 1024 if rss0 and rss1 and connected else math.nan,
+        "generator": "node", "generator_cpu_util": gen_util, "generator_max_proc_util": max_proc,
+        "generator_saturated": max_proc > GENERATOR_SATURATED,
+        "errors": errors, "error_count": sum(errors.values()),
     }
 
 

@@ -9,7 +9,7 @@
 //    "subprotocol": "sessiond.v1.json",            offered on the upgrade (null: offer none)
 //    "token": "JWT",                                for devices without a token of their own (null: no token)
 //    "devices": [{"session": SID, "device": DID, "token"?: JWT, "url"?: URL}, ...],
-//    "rate": 10, "warmup": 2, "duration": 10,       ops/s per device; seconds
+//    "rate": 10, "warmup": 2, "duration": 10,       ops/s per device (0: idle devices, connected and held); seconds
 //    "drain": 3, "connect_concurrency": 200, "kind": "other", "bucket_s"?: 0.3, "samples"?: false}
 //
 // Each device opens a WebSocket, says hello, waits for its welcome, then sends `rate` set ops/s from a random phase,
@@ -22,9 +22,11 @@
 //
 // stdout: one JSON result (counts, ack and delivery percentiles in ms, errors by code, lag events, this
 // generator's CPU over the window from process.cpuUsage(); with "samples": true every latency sample in ns).
-// --events: progress as JSON lines on stderr, `{"event":"start","w0_ns":..,"w1_ns":..}` first, its instants on
-// CLOCK_MONOTONIC (what process.hrtime and Python's time.monotonic_ns read), so a driver can measure the server
-// over exactly the same window.
+// --events: progress as JSON lines on stderr: `{"event":"connecting","t_ns":..}` when the first connection opens,
+// `{"event":"connected",..,"connect_s":..,"connect_cpu_s":..}` once every device has its welcome (the generator's
+// own CPU over that phase), then `{"event":"start","w0_ns":..,"w1_ns":..}`; instants are on CLOCK_MONOTONIC (what
+// process.hrtime and Python's time.monotonic_ns read), so a driver can measure the server over exactly the same
+// phase or window (bench capacity --generator node measures the connect rate over the first two).
 // --procs N: N child processes, each with whole sessions (latency never crosses processes), started together on
 // one shared clock; their results are merged (sums, every sample, CPU per process).
 
@@ -394,7 +396,7 @@ function normalise(job) {
   const rate = numberOr(job.rate, 10);
   const warmup = numberOr(job.warmup, 2);
   const duration = numberOr(job.duration, 10);
-  if (!(rate > 0) || warmup < 0 || !(duration > 0)) throw new Error('rate and duration must be > 0, warmup >= 0');
+  if (!(rate >= 0) || warmup < 0 || !(duration > 0)) throw new Error('duration must be > 0, rate and warmup >= 0');
   for (const d of job.devices) {
     if (d.session === undefined || d.device === undefined) throw new Error('every device needs session and device');
     if (!(d.url ?? job.url)) throw new Error(`no url for device ${d.session}/${d.device}`);
@@ -461,7 +463,7 @@ class Runner {
       cpu.used = process.cpuUsage(cpu.u0);
     });
     const ticker = onProgress ? setInterval(() => onProgress(rec.deliveredTotal, rec.errorCount()), PROGRESS_MS) : null;
-    await schedule(this.connected, job.rate, start, rec.w1, rec);
+    if (job.rate > 0) await schedule(this.connected, job.rate, start, rec.w1, rec); // rate 0: idle devices
     await new Promise((resolve) => at(rec.w1 + 1e6, resolve)); // the CPU read at w1 has run
     const expected = () => this.connected.reduce((n, d) => n + d.sentInWindow * (d.sessionSize - 1), 0);
     const drainUntil = now() + job.drain * NS_PER_S;
@@ -587,8 +589,13 @@ const START_DELAY_NS = 20e6; // between "every device connected" and the first s
 /** One process: connect everything, start, finish. */
 async function runSingle(job, events) {
   const runner = new Runner(job);
+  const c0 = now();
+  const u0 = process.cpuUsage();
+  emit(events, { event: 'connecting', t_ns: String(epoch + BigInt(Math.round(c0))) });
   const { connected, failed } = await runner.connect();
-  emit(events, { event: 'connected', connected, failed });
+  const used = process.cpuUsage(u0);
+  emit(events, { event: 'connected', connected, failed, connect_s: (now() - c0) / NS_PER_S,
+                 connect_cpu_s: (used.user + used.system) / 1e6, connect_max_proc_cpu_s: (used.user + used.system) / 1e6 });
   const start = now() + START_DELAY_NS;
   const startAbs = epoch + BigInt(Math.round(start));
   emitStart(events, job, startAbs);
@@ -613,6 +620,8 @@ async function runParent(job, procs, events) {
   const shares = Array.from({ length: procs }, () => []);
   [...bySession.values()].forEach((devices, i) => shares[i % procs].push(...devices));
   const used = shares.filter((s) => s.length > 0);
+  const c0 = now();
+  emit(events, { event: 'connecting', t_ns: String(epoch + BigInt(Math.round(c0))) });
   const children = used.map((devices) => {
     const child = fork(HERE, ['--worker'], { serialization: 'advanced', stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     const state = { child, progress: [0, 0] };
@@ -634,7 +643,9 @@ async function runParent(job, procs, events) {
   try {
     const ready = await Promise.all(children.map((c) => c.message('connected')));
     emit(events, { event: 'connected', connected: ready.reduce((n, m) => n + m.connected, 0),
-                   failed: ready.reduce((n, m) => n + m.failed, 0) });
+                   failed: ready.reduce((n, m) => n + m.failed, 0), connect_s: (now() - c0) / NS_PER_S,
+                   connect_cpu_s: ready.reduce((n, m) => n + m.cpu_s, 0),
+                   connect_max_proc_cpu_s: Math.max(...ready.map((m) => m.cpu_s)) });
     const start = now() + START_DELAY_NS;
     const startAbs = epoch + BigInt(Math.round(start));
     emitStart(events, job, startAbs);
@@ -667,8 +678,10 @@ function runWorker() {
       if (m.type === 'job') {
         epoch = BigInt(m.epoch);
         runner = new Runner(m.job);
+        const u0 = process.cpuUsage();
         const { connected, failed } = await runner.connect();
-        process.send({ type: 'connected', connected, failed });
+        const used = process.cpuUsage(u0);
+        process.send({ type: 'connected', connected, failed, cpu_s: (used.user + used.system) / 1e6 });
       } else if (m.type === 'start') {
         const raw = await runner.run(m.start, (delivered, errors) =>
           process.send({ type: 'progress', delivered_total: delivered, errors }));

@@ -96,8 +96,20 @@ async def test_gen_mjs_alone_refuses_a_bad_job(nodegen: Path) -> None:
     assert b"job.devices" in done.stderr
 
 
-async def test_the_node_generator_drives_fanout_and_saturation_only(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "bench", "capacity", "--generator", "node", "--results", str(tmp_path)]
-    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
-    assert done.returncode == 2 and b"fanout and saturation only" in done.stderr
+@pytest.mark.parametrize("target", ["sessiond", "baseline"])
+async def test_capacity_with_the_node_generator(nodegen: Path, tmp_path: Path, target: str) -> None:
+    """Idle devices on Node (rate 0): all connect and stay; the connect rate and the server's CPU come from the
+    generator's own connect phase, the RSS from the hold."""
+    r = await run_bench("capacity", target, tmp_path, "--generator", "node", "--count", "150", "--procs", "2")
+    assert r["generator"] == "node"
+    assert r["devices_connected"] == r["devices_alive_after_hold"] == 150
+    assert r["error_count"] == 0 and r["errors"] == {}
+    assert r["connect_s"] > 0 and r["connect_rate_per_s"] == pytest.approx(150 / r["connect_s"])
+    assert r["server_cpu_per_connect_ms"] > 0 and math.isfinite(r["rss_per_device_kb"])
+    assert 0 < r["generator_max_proc_util"] <= r["generator_cpu_util"]
 
+
+async def test_the_node_generator_drives_fanout_saturation_and_capacity_only(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench", "handoff", "--generator", "node", "--results", str(tmp_path)]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    assert done.returncode == 2 and b"fanout, saturation, capacity only" in done.stderr
