@@ -301,6 +301,7 @@ class SessionActor:
             "version": state.version if state else None,
             "epoch": self.token,
             "mailbox_depth": len(self._mail),
+            "dormant": self.dormant,
             "messages_handled": self.handled,
             "messages_per_s": round(self.handled / max(time.time() - self.started_at, 1e-3), 2),
             "changes": self.changes,

@@ -32,6 +32,7 @@ async def dormant_actor(env: Env, link: FakeLink) -> tuple[str, SessionActor]:
     assert not actor.dormant and actor_tasks(env) == 1
     await trio.sleep(DORMANT_AFTER + 0.5)
     assert actor.dormant and actor_tasks(env) == 0
+    assert actor.statistics()["dormant"] is True  # the admin view says so
     return sid, actor
 
 
