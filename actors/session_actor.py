@@ -104,6 +104,7 @@ class SessionActor:
     # Slots: a dict of ~40 attributes was 1.6 KiB of every actor's 6 KiB budget (issue 9).
     __slots__ = (
         "_alarms",
+        "_dormant_bytes",
         "_host",
         "_inflight",
         "_joined_this_turn",
@@ -183,6 +184,7 @@ class SessionActor:
         self._host: trio.Nursery | None = None  # the nursery that hosts our task (the registry's)
         self._sleep_wanted = False  # the timer found us idle: go dormant once this turn is done
         self._sleep_not_before = 0.0
+        self._dormant_bytes = 0
         self.restart_budget: Any = None  # the supervisor's RestartBudget, made at the first crash
         self.log = log.bind(session=session_id)
         self.checkpoints = Checkpointer(session_id, storage, config, self.log, self.lease_lost)
@@ -233,6 +235,7 @@ class SessionActor:
         Synchronous on purpose: nothing can slip in between the check and the flag."""
         if len(self._mail) or self.gone:
             return False
+        self._dormant_bytes = self.budget_bytes
         self.dormant = True
         self._host = trio.lowlevel.current_task().parent_nursery
         self._mail.shrink()
@@ -281,8 +284,15 @@ class SessionActor:
     @property
     def budget_bytes(self) -> int:
         """What the memory budget counts for this actor: its state and replay window, and the frames queued for
-        its devices on this pod (read once per budget check, not per frame)."""
-        return self.state_bytes + sum(link.queued_bytes for link in self.links.values())
+        its devices on this pod (read once per budget check, not per frame). A dormant actor changes nothing: its
+        figure from when it fell asleep is used (the registry reads this for every actor every second)."""
+        if self.dormant:
+            return self._dormant_bytes
+        state = self.state
+        total = state.approx_bytes + state.replay_bytes + state.acked_bytes if state is not None else 0
+        for link in self.links.values():  # a loop, not sum(generator): this runs for every actor every second
+            total += link.queued_bytes
+        return total
 
     def hot_row(self, now: float) -> metrics.HotRow:
         return metrics.HotRow(
