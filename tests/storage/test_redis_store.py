@@ -122,6 +122,25 @@ async def test_append_many_writes_several_sessions(redis_backend: RedisBackend) 
     assert [c.version for c in await j.read_after("b", 0)] == [1, 2, 3]
 
 
+async def test_the_group_commit_connection_comes_back_after_redis_drops_it(redis_backend: RedisBackend) -> None:
+    """The journal writes on a connection of its own: when Redis drops it (a restart, a proxy, CLIENT KILL), the
+    next group commit reconnects and nothing is lost or doubled (the retried script is idempotent)."""
+    j = redis_backend.journal
+    rc = redis_backend.client
+    await j.append_many({"a": changes(1, 1)})
+
+    async def kill_the_journal_connection() -> Any:
+        conn = j._conn  # the journal's own connection, made by the first group commit
+        host, port = conn._writer.get_extra_info("sockname")[:2]
+        return await rc.client.client_kill_filter(_id=None, addr=f"{host}:{port}")
+
+    assert await rc.call(kill_the_journal_connection) == 1
+    await j.append_many({"a": changes(2, 2), "b": changes(1, 1)})
+    await j.append_many({"a": changes(3, 3)})
+    assert [c.version for c in await j.read_after("a", 0)] == [1, 2, 3]
+    assert [c.version for c in await j.read_after("b", 0)] == [1]
+
+
 class CountingConnection(aioredis.Connection):
     """Counts what goes on the wire: one `send_packed_command` is one request (round trip)."""
 
