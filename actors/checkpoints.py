@@ -18,12 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 import trio
 
 from actors import metrics
 from actors.config import ActorConfig
 from actors.session import SessionState
 from storage.ports import Fenced, SessionRecord, Snapshot, Storage, StorageError, save_durable_checkpoint
+
+log = structlog.get_logger("sessiond.actor")
 
 
 class Checkpointer:
@@ -32,7 +35,6 @@ class Checkpointer:
     __slots__ = (
         "_busy",
         "_fast_version",
-        "_log",
         "_on_fenced",
         "config",
         "last_checkpoint_at",
@@ -45,13 +47,12 @@ class Checkpointer:
     )
 
     def __init__(
-        self, session_id: str, storage: Storage, config: ActorConfig, log: Any, on_fenced: Callable[[], None]
+        self, session_id: str, storage: Storage, config: ActorConfig, on_fenced: Callable[[], None]
     ) -> None:
         self.session_id = session_id
         self.storage = storage
         self.config = config
         self.token = 0  # the lease token every write carries (set once the lease is taken)
-        self._log = log
         self._on_fenced = on_fenced
         self.last_checkpoint_at: float | None = None  # wall clock of the last durable checkpoint
         self.last_clock = trio.current_time()  # trio clock of the last durable attempt
@@ -60,6 +61,10 @@ class Checkpointer:
         self.period_s = config.checkpoint_every_s * random.uniform(0.9, 1.1)
         self._busy: trio.Event | None = None  # set while a background checkpoint is being written
         self.tasks: trio.Nursery | None = None  # where background writes run (the actor's serving nursery)
+
+    @property
+    def _log(self) -> Any:
+        return log.bind(session=self.session_id)  # bound on use: checkpoints rarely log
 
     def detach(self) -> None:
         """The actor is done: drop its callback (a reference cycle actor -> checkpointer -> actor), so that it is

@@ -105,6 +105,7 @@ class SessionActor:
     __slots__ = (
         "_alarms",
         "_dormant_bytes",
+        "_has_stopped",
         "_host",
         "_inflight",
         "_joined_this_turn",
@@ -117,6 +118,7 @@ class SessionActor:
         "_rate_known",
         "_sleep_not_before",
         "_sleep_wanted",
+        "_stopped",
         "_timer_armed",
         "changes",
         "checkpoints",
@@ -129,12 +131,10 @@ class SessionActor:
         "kinds",
         "leases",
         "links",
-        "log",
         "lost",
         "restart_budget",
         "started_at",
         "state",
-        "stopped",
         "stopping",
         "storage",
         "timer_entry",
@@ -158,7 +158,8 @@ class SessionActor:
         self.links: dict[str, DeviceLink] = {}
         self.kinds: dict[str, str] = {}
         self.state: SessionState | None = None
-        self.stopped = trio.Event()
+        self._stopped: trio.Event | None = None  # made when somebody waits for it (see `stopped`)
+        self._has_stopped = False
         self.failed = False
         self.degraded = False  # storage is down: reloading; device requests are refused with `unavailable`
         self.stopping = False  # retired: takes no new messages (the registry activates a successor)
@@ -186,8 +187,12 @@ class SessionActor:
         self._sleep_not_before = 0.0
         self._dormant_bytes = 0
         self.restart_budget: Any = None  # the supervisor's RestartBudget, made at the first crash
-        self.log = log.bind(session=session_id)
-        self.checkpoints = Checkpointer(session_id, storage, config, self.log, self.lease_lost)
+        self.checkpoints = Checkpointer(session_id, storage, config, self.lease_lost)
+
+    @property
+    def log(self) -> Any:
+        """Bound on use: a logger kept per actor was 0.4 KiB of an idle actor, and actors rarely log."""
+        return log.bind(session=self.id)
 
     # ---- the outside's view (ActorRef) ---------------------------------------------------------
 
@@ -197,7 +202,23 @@ class SessionActor:
 
     @property
     def gone(self) -> bool:
-        return self.stopping or self.stopped.is_set()
+        return self.stopping or self._has_stopped
+
+    @property
+    def stopped(self) -> trio.Event:
+        """Set once the actor's life is over. Made on first use: an Event per idle actor was 0.3 KiB, and only a
+        lookup racing a retirement, a shutdown or a test waits for one."""
+        event = self._stopped
+        if event is None:
+            event = self._stopped = trio.Event()
+            if self._has_stopped:
+                event.set()
+        return event
+
+    def mark_stopped(self) -> None:
+        self._has_stopped = True
+        if self._stopped is not None:
+            self._stopped.set()
 
     @property
     def token(self) -> int:
@@ -248,7 +269,7 @@ class SessionActor:
 
     def lease_lost(self) -> None:
         """Called by the lease keeper (or a fenced write): stop before anything else is written."""
-        if self.lost or self.stopped.is_set():
+        if self.lost or self._has_stopped:
             return
         self.lost = True
         # A full mailbox: the next turn sees `lost` first.

@@ -156,7 +156,7 @@ async def finish(actor: SessionActor, *, started: bool, token: int) -> None:
     if token:
         with trio.CancelScope(shield=True):
             await actor.leases.release(actor.id, token, lost=actor.lost)
-    actor.stopped.set()
+    actor.mark_stopped()
     actor.retire()
     actor.checkpoints.detach()
 
