@@ -93,9 +93,7 @@ class Registry:
         total = 0
         for actor in self._actors.values():
             if actor.state is not None:
-                total += actor.budget_bytes
-        if journal_bytes is not None:
-            total += sum(journal_bytes(sid) for sid in self._actors)
+                total += actor.budget_bytes + (journal_bytes(actor.id) if journal_bytes else 0)
         metrics.ACTOR_STATE_BYTES.set(total)
         if total <= self.config.memory_budget_bytes:
             return 0

@@ -309,8 +309,7 @@ class SessionActor:
         figure from when it fell asleep is used (the registry reads this for every actor every second)."""
         if self.dormant:
             return self._dormant_bytes
-        state = self.state
-        total = state.approx_bytes + state.replay_bytes + state.acked_bytes if state is not None else 0
+        total = self.state_bytes
         for link in self.links.values():  # a loop, not sum(generator): this runs for every actor every second
             total += link.queued_bytes
         return total

@@ -260,17 +260,26 @@ async def capacity(target: Any, opts: Options, progress: Progress = no_progress)
         rss1 = process_rss_bytes(target.pid) if target.pid else None
         connected = len(devices)
         alive = sum(not d.closed for d in devices)
+    generator = {"generator_cpu_util": gen_util, "generator_saturated": gen_util > GENERATOR_SATURATED}
+    return _capacity_result(target, n, connected, alive, elapsed, connect_cpu, rss0, rss1, dict(rec.errors),
+                            generator)
+
+
+def _capacity_result(target: Any, requested: int, connected: int, alive: int, elapsed: float,
+                     connect_cpu_s: float | None, rss0: int | None, rss1: int | None, errors: dict[str, int],
+                     generator: dict[str, Any]) -> dict[str, Any]:
+    """The capacity figures, whichever generator connected the devices."""
     per_device = (rss1 - rss0) / connected if rss0 is not None and rss1 is not None and connected else math.nan
     return {
         "target": target.name, "storage": target.info.get("storage"),
-        "devices_requested": n, "devices_connected": connected, "devices_alive_after_hold": alive,
+        "devices_requested": requested, "devices_connected": connected, "devices_alive_after_hold": alive,
         "connect_s": elapsed, "connect_rate_per_s": connected / elapsed if elapsed else math.nan,
-        "server_cpu_per_connect_ms": connect_cpu / connected * 1e3 if connect_cpu is not None and connected
+        "server_cpu_per_connect_ms": connect_cpu_s / connected * 1e3 if connect_cpu_s is not None and connected
         else math.nan,
         "rss_before_mb": rss0 / 2**20 if rss0 else math.nan, "rss_after_mb": rss1 / 2**20 if rss1 else math.nan,
         "rss_per_device_kb": per_device / 1024,
-        "generator_cpu_util": gen_util, "generator_saturated": gen_util > GENERATOR_SATURATED,
-        "errors": dict(rec.errors), "error_count": sum(rec.errors.values()),
+        **generator,
+        "errors": errors, "error_count": sum(errors.values()),
     }
 
 
@@ -325,19 +334,10 @@ async def _capacity_node(target: Any, opts: Options, progress: Progress) -> dict
     errors = {str(k): int(v) for k, v in out["errors"].items()}
     gen_util = float(seen.get("connect_cpu_s", math.nan)) / elapsed if elapsed else math.nan
     max_proc = float(seen.get("connect_max_proc_cpu_s", math.nan)) / elapsed if elapsed else math.nan
-    return {
-        "target": target.name, "storage": target.info.get("storage"),
-        "devices_requested": n, "devices_connected": connected,
-        "devices_alive_after_hold": connected - errors.get("disconnected", 0),
-        "connect_s": elapsed, "connect_rate_per_s": connected / elapsed if elapsed else math.nan,
-        "server_cpu_per_connect_ms": connect_cpu.server_s / connected * 1e3
-        if connect_cpu.server_s is not None and connected else math.nan,
-        "rss_before_mb": rss0 / 2**20 if rss0 else math.nan, "rss_after_mb": rss1 / 2**20 if rss1 else math.nan,
-        "rss_per_device_kb": (rss1 - rss0) / connected / 1024 if rss0 and rss1 and connected else math.nan,
-        "generator": "node", "generator_cpu_util": gen_util, "generator_max_proc_util": max_proc,
-        "generator_saturated": max_proc > GENERATOR_SATURATED,
-        "errors": errors, "error_count": sum(errors.values()),
-    }
+    generator = {"generator": "node", "generator_cpu_util": gen_util, "generator_max_proc_util": max_proc,
+                 "generator_saturated": max_proc > GENERATOR_SATURATED}
+    return _capacity_result(target, n, connected, connected - errors.get("disconnected", 0), elapsed,
+                            connect_cpu.server_s, rss0, rss1, errors, generator)
 
 
 async def handoff(target: Any, opts: Options, progress: Progress = no_progress) -> dict[str, Any]:

@@ -270,13 +270,12 @@ class RedisJournal:
             if not self._r.cluster and not self._conn_busy:
                 self._conn_busy = True
                 try:
-                    try:
-                        return await self._exchange(commands)
-                    except RedisConnectionError:
-                        # One retry covers a connection that died while idle (Redis restarted); appends are
-                        # idempotent, so a batch that did land is accepted again unchanged.
-                        await asyncio.sleep(0.01)
-                        return await self._exchange(commands)
+                    return await self._exchange(commands)
+                except RedisConnectionError:
+                    # One retry covers a connection that died while idle (Redis restarted); appends are
+                    # idempotent, so a batch that did land is accepted again unchanged.
+                    await asyncio.sleep(0.01)
+                    return await self._exchange(commands)
                 finally:
                     self._conn_busy = False
             # A Redis Cluster (the sessions of one batch live on several nodes: the client sends each node its

@@ -594,8 +594,9 @@ async function runSingle(job, events) {
   emit(events, { event: 'connecting', t_ns: String(epoch + BigInt(Math.round(c0))) });
   const { connected, failed } = await runner.connect();
   const used = process.cpuUsage(u0);
+  const cpuS = (used.user + used.system) / 1e6; // one process: its share is the whole
   emit(events, { event: 'connected', connected, failed, connect_s: (now() - c0) / NS_PER_S,
-                 connect_cpu_s: (used.user + used.system) / 1e6, connect_max_proc_cpu_s: (used.user + used.system) / 1e6 });
+                 connect_cpu_s: cpuS, connect_max_proc_cpu_s: cpuS });
   const start = now() + START_DELAY_NS;
   const startAbs = epoch + BigInt(Math.round(start));
   emitStart(events, job, startAbs);
