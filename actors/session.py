@@ -81,8 +81,14 @@ class Answers:
         bound of its own."""
         return self.versions[bisect_left(self.ids, op_id)]
 
-    def pairs(self) -> list[list[int]]:
-        return [[i, v] for i, v in zip(self.ids, self.versions, strict=True)]
+    def pairs(self, newest: int | None = None) -> list[list[int]]:
+        """The answers as [op id, version] pairs, oldest first; only the `newest` N when given (a snapshot keeps
+        ACKED_IN_SNAPSHOT of up to ACKED_PER_DEVICE: slicing the arrays first spares building the rest)."""
+        ids, versions = self.ids, self.versions
+        if newest is not None and len(ids) > newest:
+            start = len(ids) - newest
+            ids, versions = ids[start:], versions[start:]
+        return [[i, v] for i, v in zip(ids, versions, strict=True)]
 
 
 def rest_key(idempotency_key: str) -> int:
@@ -301,7 +307,7 @@ class SessionState:
             active=self.active,
             acked={
                 **{device: [[hw >> _HW_SHIFT, hw & _HW_MASK]] for device, hw in self.high_water.items()},
-                **{device: answers.pairs()[-ACKED_IN_SNAPSHOT:] for device, answers in self.acked.items()},
+                **{device: answers.pairs(ACKED_IN_SNAPSHOT) for device, answers in self.acked.items()},
                 **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
             },
         )

@@ -13,6 +13,7 @@ from actors.session import (
     ACKED_IN_SNAPSHOT,
     REST_DEVICE,
     Accepted,
+    Answers,
     Broadcast,
     Checkpoint,
     Close,
@@ -398,6 +399,14 @@ def test_restore_from_snapshot_and_journal_equals_live(snap_at: int, overlap: bo
     # The restored state answers a retransmit exactly like the live one.
     assert restored.change("a", 5, inc(), None, T) == Accepted(5)
     assert restored.version == 6
+
+
+def test_answers_pairs_newest_n_oldest_first() -> None:
+    answers = Answers([(i, 10 * i) for i in range(1, 6)])
+    assert answers.pairs() == [[1, 10], [2, 20], [3, 30], [4, 40], [5, 50]]
+    assert answers.pairs(2) == [[4, 40], [5, 50]]
+    assert answers.pairs(9) == answers.pairs()
+    assert answers.pairs(0) == []
 
 
 def test_old_op_ids_are_answered_not_applied_after_a_restore() -> None:

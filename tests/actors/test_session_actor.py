@@ -4,6 +4,7 @@ passivation, shutdown and backpressure (DESIGN §5)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -30,7 +31,7 @@ from actors.registry import Registry
 from actors.session import Accepted
 from actors.session_actor import SessionActor
 from storage.memory import Fences, MemoryEventSink, MemoryJournal, MemorySessionStore, MemorySnapshotStore
-from storage.ports import Storage
+from storage.ports import Snapshot, Storage
 from tests.actors.fakes import CountingJournal, FakeLink, Replica, make_registry
 
 JSON = Any
@@ -285,6 +286,80 @@ async def test_a_pause_is_acked_after_its_snapshot_not_after_the_journal_trim(nu
     journal.release.set()
     await settle()
     assert journal.trims and max(journal.trims) == 1 and await journal.read_after(sid, 0) == []
+
+
+# ---- handoff checkpoints (DESIGN §5.2) -----------------------------------------------------------------
+
+
+class TieredSnapshots(MemorySnapshotStore):
+    """A fast tier (this store: Redis) and a durable one (`durable`: PostgreSQL or the SQLite file), with a log of
+    (tier, status, active) of every write in order."""
+
+    def __init__(self, fences: Fences) -> None:
+        super().__init__(fences)
+        self.durable = MemorySnapshotStore(fences)
+        self.log: list[tuple[str, str, str | None]] = []
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await super().save_snapshot(snapshot)
+        self.log.append(("fast", snapshot.status, snapshot.active))
+
+    async def save_durable(self, snapshot: Snapshot) -> None:
+        await self.durable.save_snapshot(snapshot)
+        self.log.append(("durable", snapshot.status, snapshot.active))
+
+
+def written_before_ack(link: FakeLink, log: list[Any]) -> list[Any]:
+    """The writes of `log` made before `link` was handed its next ack (filled in when the ack arrives)."""
+    seen: list[Any] = []
+    deliver = link.deliver
+
+    def watch(out: Any) -> None:
+        if out.frame.get("t") == "ack" and not seen:
+            seen.extend(log)
+        deliver(out)
+
+    link.deliver = watch  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("overrides", "claim_tier"),
+    [
+        ({}, "durable"),  # embedded: the durable tier is the only one (the SQLite file)
+        ({"fast_snapshot_every_versions": 100}, "fast"),  # Redis: a snapshot on every handoff
+        ({"fast_snapshot_every_versions": 100, "durable_handoffs": True}, "durable"),  # durability=postgres
+    ],
+)
+async def test_pause_is_durable_before_its_ack_and_the_claim_goes_where_the_mode_says(
+    nursery: trio.Nursery, overrides: dict[str, Any], claim_tier: str
+) -> None:
+    config = replace(CONFIG, **overrides)
+    fences = Fences()
+    journal = CountingJournal()
+    journal.inner = MemoryJournal(fences)
+    snapshots = TieredSnapshots(fences)
+    storage = Storage(MemorySessionStore(fences), snapshots, journal, MemoryEventSink())
+    registry = make_registry(storage, config)
+    await nursery.start(registry.run)
+    env = Env(registry, storage, journal)
+    sid = await env.session({"n": 0})
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, a)
+    await env.attach(sid, b)
+
+    snapshots.log.clear()  # what activation wrote
+    at_pause_ack = written_before_ack(a, snapshots.log)
+    actor.tell(PauseRequest(a, 1))
+    await settle()
+    assert a.of("ack") == [{"t": "ack", "id": 1, "version": 0}]
+    assert at_pause_ack == [("durable", "paused", None)]
+
+    at_claim_ack = written_before_ack(b, snapshots.log)
+    actor.tell(ClaimRequest(b, 1))
+    await settle()
+    assert b.of("ack") == [{"t": "ack", "id": 1, "version": 0}]
+    assert at_claim_ack == [("durable", "paused", None), (claim_tier, "active", "b")]
 
 
 # ---- supervision --------------------------------------------------------------------------------------
