@@ -40,7 +40,7 @@ SOAK_QUICK = {"duration": 20.0, "warmup": 5.0, "sessions": 5, "rate": 2.0}
 SOAK_ENV = {"SESSIOND_RATE_LIMIT": "50/100"}
 ALL_SCENARIOS: dict[str, Any] = {**SCENARIOS, SOAK: soak.soak}
 GENERATORS = ("python", "node")
-NODE_SCENARIOS = ("fanout", "saturation", "capacity")  # the scenarios --generator node drives
+NODE_SCENARIOS = ("fanout", "saturation", "capacity", "handoff")  # the scenarios --generator node drives
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SESSIOND_X=V",
                    help="an extra setting for the sessiond it starts (repeatable), e.g. SESSIOND_WS_FAST_PATH=0")
     p.add_argument("--generator", choices=list(GENERATORS), default="python",
-                   help="fanout, saturation, capacity: the load generator, loadgen.py (python) or "
+                   help="fanout, saturation, capacity, handoff: the load generator, loadgen.py (python) or "
                         "bench/nodegen/gen.mjs on Node's ws (node; install it with `npm ci --prefix bench/nodegen`)")
     p.add_argument("--procs", type=int, help="with --generator node: Node processes sharing the devices (default 1)")
     p.add_argument("--handoff-rate", type=float,

@@ -1,11 +1,12 @@
-"""`--generator node`: the fanout workload driven by bench/nodegen/gen.mjs (Node's `ws`) instead of loadgen.py.
+"""`--generator node`: the fanout and handoff workloads driven by bench/nodegen/gen.mjs (Node's `ws`), not loadgen.py.
 
 The Python generator saturates its core before a sessiond does (issue 9), so its numbers are a floor. The Python side
 keeps everything that is not load: it creates the sessions over REST, mints the token, hands the Node program its
 whole job as JSON on stdin, reads its progress events on stderr and, on the `start` event, measures the server's CPU
 from /proc over exactly the generator's window (both read CLOCK_MONOTONIC: Node's hrtime and time.monotonic_ns).
 The Node result (counts, every latency sample, errors, its own CPU) is turned back into a `Recorder`, so
-`scenarios._fanout_result` computes the same figures, with the same percentile code, as for the Python generator.
+`scenarios._fanout_result` computes the same figures, with the same percentile code, as for the Python generator
+(handoff: gen.mjs checks the logs itself, and its handoff samples go through the same `Latency`).
 Node inherits this process's CPU affinity when it starts: the generator's cores (cli.run pins this thread first).
 """
 
@@ -35,7 +36,7 @@ INSTALL_HINT = "npm ci --prefix bench/nodegen"
 NODE_FLAGS = ["--max-semi-space-size=32"]
 STDERR_TAIL_LINES = 40
 EVENT_PREFIX = b'{"event"'
-# progress(elapsed s, delivered msgs/s since the last event, errors so far)
+# progress(elapsed s, delivered msgs/s (handoff: handoffs/s) since the last event, errors so far)
 NodeProgress = Callable[[float, float, int], None]
 
 
@@ -66,6 +67,15 @@ def make_job(url: str, devices: list[dict[str, str]], token: str | None, *, rate
             "kind": "other", "bucket_s": bucket_s(warmup, duration), "samples": True}
 
 
+def make_handoff_job(url: str, devices: list[dict[str, str]], token: str | None, *, ops: int, rate: float | None,
+                     warmup: float, duration: float, drain: float, connect_concurrency: int) -> dict[str, Any]:
+    """The handoff job (gen.mjs `"scenario": "handoff"`): two devices per session pass it back and forth, `ops`
+    acked ops between two handoffs, `rate` handoffs/s per session (None or 0: a closed loop)."""
+    job = make_job(url, devices, token, rate=0.0, warmup=warmup, duration=duration, drain=drain,
+                   connect_concurrency=connect_concurrency)
+    return {**job, "scenario": "handoff", "handoff_ops": ops, "handoff_rate": rate or 0.0}
+
+
 @dataclass(slots=True)
 class NodeRun:
     """What one gen.mjs run gave: its JSON result, the cores it was allowed on, its stderr that was not events."""
@@ -79,7 +89,8 @@ class NodeRun:
 async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, procs: int = 1,
               on_event: Callable[[dict[str, Any]], None] | None = None) -> NodeRun:
     """Run gen.mjs on `job`; `cpu` is started and stopped at the window edges the generator announces. Every
-    other event (`connecting`, `connected`, `start` too) goes to `on_event`, on arrival."""
+    other event (`connecting`, `connected`, `start` too) goes to `on_event`, on arrival. `progress` gets the rate
+    of deliveries, or of handoffs for a handoff job."""
     argv = node_command(procs)
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, cwd=NODEGEN_DIR)
@@ -89,6 +100,7 @@ async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, pr
     except OSError:
         cpus = None
     stdout = bytearray()
+    counter = "handoffs" if job.get("scenario") == "handoff" else "delivered_total"
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     window_done = trio.Event()
     try:
@@ -120,7 +132,7 @@ async def run(job: dict[str, Any], cpu: CpuWindow, progress: NodeProgress, *, pr
                 if kind == "start":
                     nursery.start_soon(measure, int(event["w0_ns"]), int(event["w1_ns"]))
                 elif kind == "progress":
-                    elapsed, delivered = float(event["elapsed_s"]), int(event["delivered_total"])
+                    elapsed, delivered = float(event["elapsed_s"]), int(event[counter])
                     dt = elapsed - last[0]
                     rate = (delivered - last[1]) / dt if dt > 0 else 0.0
                     last[:] = [elapsed, delivered]
@@ -198,6 +210,6 @@ def generator_figures(run: NodeRun, cpu: CpuWindow, window_s: float) -> dict[str
         "generator_cpus": run.cpus,
         "generator_driver_cpu_util": cpu.self_s / window_s,  # this Python process: REST setup aside, it waits
         "node": {"version": out.get("node"), "ws": out.get("ws"), "pid": run.pid, "cpu": node_cpu,
-                 "ack": out["ack"], "delivery": out["delivery"],
+                 **{key: out[key] for key in ("ack", "delivery", "handoff") if key in out},
                  "first_connect_error": out.get("first_connect_error")},
     }

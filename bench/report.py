@@ -82,6 +82,7 @@ ROWS: dict[str, list[Row]] = {
         ("errors", lambda r: r["error_count"], "{:d}", False),
     ],
     "handoff": [
+        ("load generator", _generator, "{}", False),
         ("pacing", lambda r: r.get("pacing", "closed loop"), "{}", False),
         ("handoffs", lambda r: r["handoffs"], "{:,d}", False),
         ("handoffs/s", lambda r: r["handoffs_per_s"], "{:,.0f}", True),

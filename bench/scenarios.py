@@ -56,7 +56,7 @@ class Options:
     failover_after: float = 2.0  # cluster: load after every session and device recovered, s
     failover_timeout: float = 30.0  # cluster: most wait for the recovery after the kill, s
     settle: float = 10.0  # cluster: most wait for requests in flight once the devices stop sending, s
-    generator: str = "python"  # fanout, saturation: "python" (loadgen.py) or "node" (nodegen/gen.mjs, issue 9)
+    generator: str = "python"  # fanout, saturation, capacity, handoff: "python" (loadgen.py) or "node" (gen.mjs)
     generator_procs: int = 1  # --generator node: Node processes sharing the devices (whole sessions each)
 
     @classmethod
@@ -343,6 +343,8 @@ async def _capacity_node(target: Any, opts: Options, progress: Progress) -> dict
 async def handoff(target: Any, opts: Options, progress: Progress = no_progress) -> dict[str, Any]:
     """Two devices per session pass the session back and forth (pause, claim) for the whole duration;
     every change acked by one must reach the other exactly once."""
+    if opts.generator == "node":
+        return await _handoff_node(target, opts, progress)
     rec = Recorder()
     latency = Latency()
     ids = await target.create_sessions(opts.sessions, label="h")
@@ -398,18 +400,58 @@ async def handoff(target: Any, opts: Options, progress: Progress = no_progress) 
         cpu.stop()
         await _wait_logs(list(pairs.values()), opts.drain)
         check = _check_logs(list(pairs.values()))
+    cpu_per_handoff = cpu.server_s / handoffs * 1e3 if cpu.server_s is not None and handoffs else math.nan
+    return _handoff_result(target, opts, handoffs, latency, check, cpu_per_handoff, dict(rec.errors),
+                           {"generator_cpu_util": cpu.self_s / total_s})
+
+
+def _handoff_result(target: Any, opts: Options, handoffs: int, latency: Latency, check: dict[str, int],
+                    cpu_per_handoff_ms: float, errors: dict[str, int], generator: dict[str, Any]) -> dict[str, Any]:
+    """The handoff figures, whichever generator passed the sessions around; `generator` holds its CPU (and for
+    Node its other figures: saturated when any one of its processes was)."""
+    total_s = opts.warmup + opts.duration
+    util = generator["generator_cpu_util"]
     return {
         "target": target.name, "storage": target.info.get("storage"), "sessions": opts.sessions,
         "duration_s": total_s, "handoffs": handoffs, "handoffs_per_s": handoffs / total_s,
         "pacing": f"{opts.handoff_rate:g}/s per session" if opts.handoff_rate else "closed loop",
         "handoff": latency.summary(), "changes_acked": check["acked"],
-        "server_cpu_per_handoff_ms": cpu.server_s / handoffs * 1e3 if cpu.server_s is not None and handoffs
-        else math.nan,
-        "generator_cpu_util": cpu.self_s / total_s, "generator_saturated": cpu.self_s / total_s > GENERATOR_SATURATED,
+        "server_cpu_per_handoff_ms": cpu_per_handoff_ms,
+        **generator, "generator_saturated": generator.get("generator_max_proc_util", util) > GENERATOR_SATURATED,
         "lost": check["lost"], "duplicated": check["duplicated"], "version_gaps": check["gaps"],
-        "errors": dict(rec.errors), "error_count": sum(rec.errors.values()),
+        "errors": errors, "error_count": sum(errors.values()),
         "series": {"handoff_ms": latency.ms()},
     }
+
+
+async def _handoff_node(target: Any, opts: Options, progress: Progress) -> dict[str, Any]:
+    """The same handoffs driven by gen.mjs: the Python generator fills its core in the closed loop, so the latency
+    it reports is mostly its own. gen.mjs runs the pairs, checks the logs (as _check_logs) and times every handoff;
+    the server's CPU is read over the whole run (gen.mjs's window: warm-up + duration, as here) and divided by the
+    handoffs done inside it."""
+    ids = await target.create_sessions(opts.sessions, label="h")
+    devices = [{"session": sid, "device": d} for sid in ids for d in ("a", "b")]
+    total_s = opts.warmup + opts.duration
+    job = node_generator.make_handoff_job(target.ws_url, devices, target.token(), ops=opts.handoff_ops,
+                                          rate=opts.handoff_rate, warmup=opts.warmup, duration=opts.duration,
+                                          drain=opts.drain, connect_concurrency=opts.connect_concurrency)
+    cpu = CpuWindow(target.pid)
+
+    def on_progress(elapsed: float, rate: float, errors: int) -> None:
+        progress(min(elapsed, total_s), total_s, {"handoffs/s": f"{rate:,.0f}", "errors": errors})
+
+    run = await node_generator.run(job, cpu, on_progress, procs=opts.generator_procs)
+    generator = node_generator.generator_figures(run, cpu, total_s)
+    out = run.result
+    in_window = int(out["handoffs_in_window"])
+    cpu_per_handoff = cpu.server_s / in_window * 1e3 if cpu.server_s is not None and in_window else math.nan
+    check = {"acked": int(out["changes_acked"]), "lost": int(out["lost"]), "duplicated": int(out["duplicated"]),
+             "gaps": int(out["version_gaps"])}
+    latency = Latency(samples=[int(v) for v in out["series"].get("handoff_ns", [])])
+    errors = {str(k): int(v) for k, v in out["errors"].items()}
+    return {**_handoff_result(target, opts, int(out["handoffs"]), latency, check, cpu_per_handoff, errors, generator),
+            "handoffs_in_window": in_window,
+            "other_processes_cpu_util": cpu.others_s / total_s if cpu.others_s is not None else None}
 
 
 async def _wait_logs(pairs: list[list[Device]], timeout: float) -> None:

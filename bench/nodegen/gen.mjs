@@ -10,7 +10,10 @@
 //    "token": "JWT",                                for devices without a token of their own (null: no token)
 //    "devices": [{"session": SID, "device": DID, "token"?: JWT, "url"?: URL}, ...],
 //    "rate": 10, "warmup": 2, "duration": 10,       ops/s per device (0: idle devices, connected and held); seconds
-//    "drain": 3, "connect_concurrency": 200, "kind": "other", "bucket_s"?: 0.3, "samples"?: false}
+//    "drain": 3, "connect_concurrency": 200, "kind": "other", "bucket_s"?: 0.3, "samples"?: false,
+//    "scenario"?: "fanout",                         or "handoff" (below; then `rate` is not used)
+//    "handoff_ops"?: 3, "handoff_rate"?: 0}         handoff: acked ops between two handoffs; handoffs/s per session
+//                                                   (0 or null: each pair as fast as it can, a closed loop)
 //
 // Each device opens a WebSocket, says hello, waits for its welcome, then sends `rate` set ops/s from a random phase,
 // `{"op":"set","path":"/d/<device>","value":{"t":<ns>,"n":<seq>}}`, scheduled by one timer wheel (no drift; a late
@@ -20,13 +23,26 @@
 // count towards latency and offered load; deliveries are counted by receive time (throughput) and by send time
 // (delivered vs offered). After the window the generator waits up to `drain` s for missing acks and deliveries.
 //
+// "scenario": "handoff" is bench/scenarios.py's handoff, the same workload as loadgen.py's: every session has two
+// devices; the one sorted first claims, then, until warmup + duration have passed (the window is the whole run:
+// w0 = start), the active device sends `handoff_ops` ops one at a time, each awaited for its ack, pauses (acked),
+// and the other claims (acked): one handoff, timed from the pause sent to the claim acked; the roles swap. Paced
+// (`handoff_rate` > 0): each pair starts a handoff every 1/handoff_rate s from a random phase, without drift. A
+// request answered by an error frame, unanswered in 10 s or cut by a closed socket ends that pair's loop (counted
+// in errors). Each device logs (version, n) of its acked ops and (version, device, n) of the patches it gets;
+// after the loops (and up to `drain` s for the patches still due) every pair is checked: lost (acked by one, never
+// seen by the other), duplicated (seen twice), version gaps (holes in the versions both acked).
+//
 // stdout: one JSON result (counts, ack and delivery percentiles in ms, errors by code, lag events, this
 // generator's CPU over the window from process.cpuUsage(); with "samples": true every latency sample in ns).
+// handoff: handoffs (all, and those done inside the window), their latency in ms (and every sample in ns),
+// changes_acked, lost, duplicated, version_gaps, errors and the CPU as for fanout.
 // --events: progress as JSON lines on stderr: `{"event":"connecting","t_ns":..}` when the first connection opens,
 // `{"event":"connected",..,"connect_s":..,"connect_cpu_s":..}` once every device has its welcome (the generator's
-// own CPU over that phase), then `{"event":"start","w0_ns":..,"w1_ns":..}`; instants are on CLOCK_MONOTONIC (what
-// process.hrtime and Python's time.monotonic_ns read), so a driver can measure the server over exactly the same
-// phase or window (bench capacity --generator node measures the connect rate over the first two).
+// own CPU over that phase), then `{"event":"start","w0_ns":..,"w1_ns":..}`, then `progress` (handoff: with the
+// `handoffs` so far); instants are on CLOCK_MONOTONIC (what process.hrtime and Python's time.monotonic_ns read), so
+// a driver can measure the server over exactly the same phase or window (bench capacity --generator node measures
+// the connect rate over the first two).
 // --procs N: N child processes, each with whole sessions (latency never crosses processes), started together on
 // one shared clock; their results are merged (sums, every sample, CPU per process).
 
@@ -42,6 +58,7 @@ const SLOT_NS = 1e6; // timer wheel: 1 ms slots...
 const SLOTS = 1024; // ...over about 1 s; a longer interval waits whole turns of the wheel
 const HELLO_TIMEOUT_MS = 15_000;
 const CLOSE_TIMEOUT_MS = 2_000;
+const REQUEST_TIMEOUT_NS = 10e9; // handoff: a request unanswered this long ends its pair (loadgen.py's timeout)
 const PROGRESS_MS = 500;
 
 let epoch = process.hrtime.bigint(); // ns on CLOCK_MONOTONIC; a worker takes its parent's
@@ -126,6 +143,9 @@ class Recorder {
     this.lagEvents = 0;
     this.deliveries = new Timeline(bucketS);
     this.sends = new Timeline(bucketS);
+    this.handoff = new Samples(); // handoff: pause sent -> claim acked, every handoff (no warm-up, as loadgen.py)
+    this.handoffs = 0;
+    this.handoffsInWindow = 0; // done before w1: what the server's CPU over the window is divided by
   }
 
   inWindow(t) {
@@ -144,6 +164,18 @@ class Recorder {
 }
 
 // ---- one device ----------------------------------------------------------------------------------------------
+
+/** What a handoff device saw: (version, n) of its own acked ops, (version, device, n) of the patches it got. */
+class HandoffLog {
+  constructor() {
+    this.ackedVersion = [];
+    this.ackedN = [];
+    this.patchVersion = [];
+    this.patchDevice = [];
+    this.patchN = [];
+    this.nOf = new Map(); // op id -> n, until its ack (or error)
+  }
+}
 
 /** One connection: sends ops, records acks and patches (single frames or batched as arrays). */
 class Device {
@@ -164,6 +196,8 @@ class Device {
     this.closed = false;
     this.closing = false;
     this.due = 0; // next send, ns since the epoch (the timer wheel's)
+    this.log = job.scenario === 'handoff' ? new HandoffLog() : null;
+    this.waiting = null; // handoff: the one request awaited, {id, kind, sent, resolve}
   }
 
   /** Open, say hello, resolve on the welcome; rejects on an error frame, a close or the timeout. */
@@ -198,6 +232,7 @@ class Device {
           this.closed = true;
           if (!this.closing) this.rec.error('disconnected');
         }
+        this.answer(null);
         if (this.onClosed) this.onClosed();
       });
       ws.on('message', (data) => {
@@ -224,13 +259,14 @@ class Device {
     });
   }
 
-  /** One small `set` op stamped with its send time. */
+  /** One small `set` op stamped with its send time; returns its id. */
   sendOp() {
     const id = ++this.nextId;
     const n = ++this.seq;
     const t = now();
     const rec = this.rec;
     this.pending.set(id, t);
+    if (this.log) this.log.nOf.set(id, n);
     rec.sentTotal += 1;
     rec.sends.add(t);
     if (rec.inWindow(t)) {
@@ -238,6 +274,42 @@ class Device {
       this.sentInWindow += 1;
     }
     this.ws.send(`{"t":"op","id":${id},"ops":[{"op":"set","path":${this.path},"value":{"t":${t},"n":${n}}}]}`);
+    return id;
+  }
+
+  /**
+   * handoff: send an op, `pause` or `claim` and resolve with its answer (the ack, or an error frame with its id),
+   * or null when the socket closed or nothing came in REQUEST_TIMEOUT_NS (see expire). One request at a time.
+   */
+  request(kind) {
+    if (this.closed) return Promise.resolve(null);
+    return new Promise((resolve) => {
+      let id;
+      if (kind === 'op') {
+        id = this.sendOp();
+      } else {
+        id = ++this.nextId;
+        this.pending.set(id, now());
+        this.ws.send(`{"t":"${kind}","id":${id}}`);
+      }
+      this.waiting = { id, kind, sent: now(), resolve };
+    });
+  }
+
+  /** Resolve the request awaited with `frame` (null: no answer will come). */
+  answer(frame) {
+    const waiting = this.waiting;
+    if (waiting === null || (frame !== null && frame.id !== waiting.id)) return;
+    this.waiting = null;
+    waiting.resolve(frame);
+  }
+
+  /** A request unanswered since before `t - REQUEST_TIMEOUT_NS` ends (`<kind>_timeout`, as loadgen.py counts it). */
+  expire(t) {
+    if (this.waiting !== null && t - this.waiting.sent > REQUEST_TIMEOUT_NS) {
+      this.rec.error(`${this.waiting.kind}_timeout`);
+      this.answer(null);
+    }
   }
 
   onMessage(data) {
@@ -266,11 +338,17 @@ class Device {
         const version = frame.version ?? 0;
         if (version <= this.lastVersion) rec.error('patch_out_of_order');
         if (version > this.lastVersion) this.lastVersion = version;
+        const log = this.log;
         for (const op of frame.ops ?? []) {
           const value = op.value;
           if (value !== null && typeof value === 'object' && typeof value.t === 'number' && rec.inWindow(value.t)) {
             rec.deliveredOfWindowOps += 1;
             rec.delivery.add(t - value.t);
+          }
+          if (log && value !== null && typeof value === 'object' && 't' in value) {
+            log.patchVersion.push(version);
+            log.patchDevice.push(frame.device ?? '');
+            log.patchN.push(value.n ?? -1);
           }
         }
         break;
@@ -286,11 +364,26 @@ class Device {
           rec.ackedInWindow += 1;
           rec.ack.add(t - sent);
         }
+        if (this.log) {
+          const n = this.log.nOf.get(frame.id);
+          if (n !== undefined) {
+            this.log.nOf.delete(frame.id);
+            this.log.ackedVersion.push(frame.version ?? -1);
+            this.log.ackedN.push(n);
+          }
+          this.answer(frame);
+        }
         break;
       }
       case 'error':
         rec.error(String(frame.code ?? 'error'));
-        if (frame.id !== undefined && frame.id !== null) this.pending.delete(frame.id);
+        if (frame.id !== undefined && frame.id !== null) {
+          this.pending.delete(frame.id);
+          if (this.log) {
+            this.log.nOf.delete(frame.id);
+            this.answer(frame);
+          }
+        }
         break;
       case 'welcome':
         rec.error('resync_welcome'); // a welcome after the first one: the server made us catch up
@@ -401,8 +494,23 @@ function normalise(job) {
     if (d.session === undefined || d.device === undefined) throw new Error('every device needs session and device');
     if (!(d.url ?? job.url)) throw new Error(`no url for device ${d.session}/${d.device}`);
   }
+  const scenario = job.scenario ?? 'fanout';
+  if (scenario !== 'fanout' && scenario !== 'handoff') throw new Error(`job.scenario: fanout or handoff (${scenario})`);
+  const handoffOps = numberOr(job.handoff_ops, 3);
+  const handoffRate = numberOr(job.handoff_rate, 0); // null: a closed loop
+  if (!Number.isInteger(handoffOps) || handoffOps < 0 || !(handoffRate >= 0)) {
+    throw new Error('handoff_ops must be a whole number >= 0, handoff_rate >= 0');
+  }
+  if (scenario === 'handoff') {
+    const sizes = new Map();
+    for (const d of job.devices) sizes.set(String(d.session), (sizes.get(String(d.session)) ?? 0) + 1);
+    if ([...sizes.values()].some((n) => n !== 2)) throw new Error('handoff: every session needs exactly two devices');
+  }
   return {
     ...job,
+    scenario,
+    handoff_ops: handoffOps,
+    handoff_rate: handoffRate,
     rate,
     warmup,
     duration,
@@ -415,8 +523,86 @@ function normalise(job) {
   };
 }
 
-/** Connects this process's devices, then runs the schedule from `start` when told to, and returns a mergeable raw
- * result. `onProgress(deliveredTotal, errors)` is called every PROGRESS_MS while the schedule runs. */
+/** The window as [its start after `start`, its length] in s: after the warm-up for fanout; the whole run for
+ * handoff, whose every handoff counts (as in loadgen.py's handoff). */
+function windowOf(job) {
+  return job.scenario === 'handoff' ? [0, job.warmup + job.duration] : [job.warmup, job.duration];
+}
+
+/** Run `fn` at `t` (ns since the epoch). */
+function at(t, fn) {
+  return setTimeout(fn, Math.max(0, (t - now()) / 1e6));
+}
+
+const sleepUntil = (t) => new Promise((resolve) => at(t, resolve));
+
+/**
+ * One pair's handoffs until the window ends, as loadgen.py's handoff loop: the device sorted first claims, then
+ * (paced: at its due time) the active one sends `handoff_ops` acked ops, pauses, the other claims; swap. The first
+ * request without an ack (an error frame, a timeout, a closed socket: counted where it happened) ends the pair.
+ */
+async function handoffPair(pair, job, rec) {
+  let [active, other] = pair;
+  const acked = (reply) => reply !== null && reply.t === 'ack';
+  if (!acked(await active.request('claim'))) return;
+  const period = job.handoff_rate > 0 ? NS_PER_S / job.handoff_rate : 0;
+  let due = now() + Math.random() * period; // pairs spread over the period
+  while (now() < rec.w1) {
+    if (period) { // paced: a handoff's latency, not the queue of a saturated server
+      await sleepUntil(due);
+      due += period;
+    }
+    for (let i = 0; i < job.handoff_ops; i++) if (!acked(await active.request('op'))) return;
+    const t = now();
+    if (!acked(await active.request('pause')) || !acked(await other.request('claim'))) return;
+    const done = now();
+    rec.handoff.add(done - t);
+    rec.handoffs += 1;
+    if (done < rec.w1) rec.handoffsInWindow += 1;
+    [active, other] = [other, active];
+  }
+}
+
+/** loadgen.py's _check_logs over pairs: acked ops the other device never saw (lost), patches seen more than once
+ * (duplicated), holes in the versions the two devices had acked (gaps). */
+function checkLogs(pairs) {
+  let acked = 0;
+  let lost = 0;
+  let duplicated = 0;
+  let gaps = 0;
+  for (const pair of pairs) {
+    const versions = new Set();
+    for (const [sender, receiver] of [pair, [pair[1], pair[0]]]) {
+      const got = receiver.log;
+      const seen = new Map(); // "version:n" -> times seen
+      for (let i = 0; i < got.patchN.length; i++) {
+        if (got.patchDevice[i] !== sender.device) continue;
+        const key = `${got.patchVersion[i]}:${got.patchN[i]}`;
+        seen.set(key, (seen.get(key) ?? 0) + 1);
+      }
+      for (const count of seen.values()) if (count > 1) duplicated += count - 1;
+      const sent = sender.log;
+      for (let i = 0; i < sent.ackedN.length; i++) {
+        acked += 1;
+        versions.add(sent.ackedVersion[i]);
+        if (!seen.has(`${sent.ackedVersion[i]}:${sent.ackedN[i]}`)) lost += 1;
+      }
+    }
+    if (versions.size > 0) {
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (const v of versions) {
+        lo = Math.min(lo, v);
+        hi = Math.max(hi, v);
+      }
+      gaps += hi - lo + 1 - versions.size;
+    }
+  }
+  return { changes_acked: acked, lost, duplicated, version_gaps: gaps };
+}
+
+/** Connects this process's devices, then runs the schedule (or the handoffs) from `start` when told to, and returns
+ * a mergeable raw result. `onProgress(deliveredTotal, errors, handoffs)` is called every PROGRESS_MS meanwhile. */
 class Runner {
   constructor(job) {
     this.job = job;
@@ -449,11 +635,11 @@ class Runner {
   /** The whole run from `start` (ns since the epoch): warm-up, window, drain, close. */
   async run(start, onProgress) {
     const { job, rec } = this;
-    rec.w0 = start + job.warmup * NS_PER_S;
-    rec.w1 = rec.w0 + job.duration * NS_PER_S;
+    const [offset, length] = windowOf(job);
+    rec.w0 = start + offset * NS_PER_S;
+    rec.w1 = rec.w0 + length * NS_PER_S;
     rec.deliveries.t0 = rec.sends.t0 = start;
     const cpu = {};
-    const at = (t, fn) => setTimeout(fn, Math.max(0, (t - now()) / 1e6));
     at(rec.w0, () => {
       cpu.t0 = now();
       cpu.u0 = process.cpuUsage();
@@ -462,19 +648,10 @@ class Runner {
       cpu.t1 = now();
       cpu.used = process.cpuUsage(cpu.u0);
     });
-    const ticker = onProgress ? setInterval(() => onProgress(rec.deliveredTotal, rec.errorCount()), PROGRESS_MS) : null;
-    if (job.rate > 0) await schedule(this.connected, job.rate, start, rec.w1, rec); // rate 0: idle devices
-    await new Promise((resolve) => at(rec.w1 + 1e6, resolve)); // the CPU read at w1 has run
-    const expected = () => this.connected.reduce((n, d) => n + d.sentInWindow * (d.sessionSize - 1), 0);
-    const drainUntil = now() + job.drain * NS_PER_S;
-    while (now() < drainUntil) {
-      const pending = this.connected.some((d) => !d.closed && d.pending.size > 0);
-      if (rec.deliveredOfWindowOps >= expected() && !pending) break;
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    const ticker = onProgress
+      ? setInterval(() => onProgress(rec.deliveredTotal, rec.errorCount(), rec.handoffs), PROGRESS_MS) : null;
+    const figures = job.scenario === 'handoff' ? await this.handoffs(start) : await this.fanout(start);
     if (ticker) clearInterval(ticker);
-    const ackMissing = this.connected.reduce((n, d) => n + d.pending.size, 0);
-    if (ackMissing) rec.error('ack_missing', ackMissing);
     await Promise.all(this.connected.map((d) => d.close()));
     const used = cpu.used ?? process.cpuUsage(cpu.u0);
     return {
@@ -482,6 +659,28 @@ class Runner {
       devices: this.devices.length,
       connected: this.connected.length,
       first_connect_error: this.firstConnectError ?? null,
+      ...figures,
+      errors: Object.fromEntries(rec.errors),
+      cpu: { pid: process.pid, user_s: used.user / 1e6, system_s: used.system / 1e6,
+             wall_s: ((cpu.t1 ?? now()) - (cpu.t0 ?? rec.w0)) / NS_PER_S },
+    };
+  }
+
+  /** Every device sends at `rate` until the window ends; then up to `drain` s for missing acks and deliveries. */
+  async fanout(start) {
+    const { job, rec } = this;
+    if (job.rate > 0) await schedule(this.connected, job.rate, start, rec.w1, rec); // rate 0: idle devices
+    await sleepUntil(rec.w1 + 1e6); // the CPU read at w1 has run
+    const expected = () => this.connected.reduce((n, d) => n + d.sentInWindow * (d.sessionSize - 1), 0);
+    const drainUntil = now() + job.drain * NS_PER_S;
+    while (now() < drainUntil) {
+      const pending = this.connected.some((d) => !d.closed && d.pending.size > 0);
+      if (rec.deliveredOfWindowOps >= expected() && !pending) break;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const ackMissing = this.connected.reduce((n, d) => n + d.pending.size, 0);
+    if (ackMissing) rec.error('ack_missing', ackMissing);
+    return {
       sent_total: rec.sentTotal,
       sent_in_window: rec.sentInWindow,
       acked_in_window: rec.ackedInWindow,
@@ -489,14 +688,46 @@ class Runner {
       delivered_in_window: rec.deliveredInWindow,
       delivered_of_window_ops: rec.deliveredOfWindowOps,
       expected_deliveries: expected(),
-      errors: Object.fromEntries(rec.errors),
       lag_events: rec.lagEvents,
       ack: rec.ack.values(),
       delivery: rec.delivery.values(),
       deliveries: rec.deliveries.counts,
       sends: rec.sends.counts,
-      cpu: { pid: process.pid, user_s: used.user / 1e6, system_s: used.system / 1e6,
-             wall_s: ((cpu.t1 ?? now()) - (cpu.t0 ?? rec.w0)) / NS_PER_S },
+    };
+  }
+
+  /** Every pair whose two devices connected hands off until the window ends; then up to `drain` s until each device
+   * has seen as many patches as the other had acked ops (loadgen.py's _wait_logs), and the logs are checked. */
+  async handoffs(start) {
+    const { job, rec } = this;
+    const sessions = new Map();
+    for (const d of this.connected) {
+      if (!sessions.has(d.session)) sessions.set(d.session, []);
+      sessions.get(d.session).push(d);
+    }
+    const byDevice = (x, y) => (x.device < y.device ? -1 : x.device > y.device ? 1 : 0);
+    const pairs = [...sessions.values()].filter((p) => p.length === 2).map((p) => p.sort(byDevice));
+    const sweeper = setInterval(() => {
+      const t = now();
+      for (const d of this.connected) d.expire(t);
+    }, 1000);
+    await sleepUntil(start);
+    await Promise.all(pairs.map((pair) => handoffPair(pair, job, rec)));
+    clearInterval(sweeper);
+    await sleepUntil(rec.w1 + 1e6); // the CPU read at w1 has run
+    const seen = ([x, y]) => x.log.ackedN.length <= y.log.patchN.length && y.log.ackedN.length <= x.log.patchN.length;
+    const drainUntil = now() + job.drain * NS_PER_S;
+    while (now() < drainUntil && !pairs.every(seen)) await new Promise((resolve) => setTimeout(resolve, 50));
+    return {
+      pairs: pairs.length,
+      handoffs: rec.handoffs,
+      handoffs_in_window: rec.handoffsInWindow,
+      ...checkLogs(pairs),
+      sent_total: rec.sentTotal,
+      delivered_total: rec.deliveredTotal,
+      handoff: rec.handoff.values(),
+      ack: rec.ack.values(),
+      delivery: rec.delivery.values(),
     };
   }
 }
@@ -505,13 +736,15 @@ class Runner {
 
 const COUNTS = ['devices', 'connected', 'sent_total', 'sent_in_window', 'acked_in_window', 'delivered_total',
   'delivered_in_window', 'delivered_of_window_ops', 'expected_deliveries', 'lag_events'];
+const HANDOFF_COUNTS = ['devices', 'connected', 'pairs', 'sent_total', 'delivered_total', 'handoffs',
+  'handoffs_in_window', 'changes_acked', 'lost', 'duplicated', 'version_gaps'];
 
 function concat(arrays) {
   const out = new Float64Array(arrays.reduce((n, a) => n + a.length, 0));
-  let at = 0;
+  let pos = 0;
   for (const a of arrays) {
-    out.set(a, at);
-    at += a.length;
+    out.set(a, pos);
+    pos += a.length;
   }
   return out;
 }
@@ -524,11 +757,13 @@ function addBuckets(lists) {
 
 /** One JSON result from the raw results of every process. */
 function finish(job, raws, startAbs, selfCpu) {
-  const out = { generator: 'node', node: process.version, ws: wsVersion(), procs: raws.length, pid: process.pid };
-  for (const key of COUNTS) out[key] = raws.reduce((n, r) => n + r[key], 0);
+  const handoff = job.scenario === 'handoff';
+  const out = { generator: 'node', node: process.version, ws: wsVersion(), procs: raws.length, pid: process.pid,
+                scenario: job.scenario };
+  for (const key of handoff ? HANDOFF_COUNTS : COUNTS) out[key] = raws.reduce((n, r) => n + r[key], 0);
   const errors = {};
   for (const r of raws) for (const [k, v] of Object.entries(r.errors)) errors[k] = (errors[k] ?? 0) + v;
-  const window = job.duration;
+  const [offset, window] = windowOf(job);
   const ack = concat(raws.map((r) => r.ack));
   const delivery = concat(raws.map((r) => r.delivery));
   const procs = raws.map((r) => ({ ...r.cpu, util: (r.cpu.user_s + r.cpu.system_s) / r.cpu.wall_s }));
@@ -536,11 +771,30 @@ function finish(job, raws, startAbs, selfCpu) {
   const user = procs.reduce((n, p) => n + p.user_s, 0);
   const system = procs.reduce((n, p) => n + p.system_s, 0);
   const wall = Math.max(...raws.map((r) => r.cpu.wall_s)); // the window as the workers' clocks saw it
-  const w0 = startAbs + BigInt(Math.round(job.warmup * NS_PER_S));
+  const w0 = startAbs + BigInt(Math.round(offset * NS_PER_S));
   Object.assign(out, {
     first_connect_error: raws.map((r) => r.first_connect_error).find((e) => e) ?? null,
-    window: { warmup_s: job.warmup, duration_s: window, start_ns: String(startAbs), w0_ns: String(w0),
+    window: { warmup_s: job.warmup, duration_s: job.duration, start_ns: String(startAbs), w0_ns: String(w0),
               w1_ns: String(w0 + BigInt(Math.round(window * NS_PER_S))) },
+  });
+  const errorCount = Object.values(errors).reduce((n, v) => n + v, 0);
+  const cpu = { user_s: user, system_s: system, wall_s: wall, util: (user + system) / wall,
+                max_proc_util: Math.max(...procs.map((p) => p.util)), procs };
+  if (handoff) {
+    const handoffs = concat(raws.map((r) => r.handoff));
+    return Object.assign(out, {
+      handoff_ops: job.handoff_ops,
+      handoff_rate: job.handoff_rate,
+      handoff: summary(handoffs),
+      ack: summary(ack), // ops, pauses and claims
+      delivery: summary(delivery),
+      errors,
+      error_count: errorCount,
+      cpu,
+      series: job.samples ? { handoff_ns: Array.from(handoffs, Math.round) } : {},
+    });
+  }
+  Object.assign(out, {
     rate: job.rate,
     offered_ops_per_s: out.sent_in_window / window,
     offered_deliveries_per_s: out.expected_deliveries / window,
@@ -550,9 +804,8 @@ function finish(job, raws, startAbs, selfCpu) {
     ack: summary(ack),
     delivery: summary(delivery),
     errors,
-    error_count: Object.values(errors).reduce((n, v) => n + v, 0),
-    cpu: { user_s: user, system_s: system, wall_s: wall, util: (user + system) / wall,
-           max_proc_util: Math.max(...procs.map((p) => p.util)), procs },
+    error_count: errorCount,
+    cpu,
     series: {
       bucket_s: job.bucket_s,
       deliveries: addBuckets(raws.map((r) => r.deliveries)),
@@ -577,10 +830,10 @@ function emit(events, event) {
   if (events) process.stderr.write(`${JSON.stringify(event)}\n`);
 }
 
-function progressEmitter(events, startAbs) {
-  return (delivered, errors) => emit(events, {
+function progressEmitter(events, job, startAbs) {
+  return (delivered, errors, handoffs) => emit(events, {
     event: 'progress', elapsed_s: Number(process.hrtime.bigint() - startAbs) / NS_PER_S,
-    delivered_total: delivered, errors,
+    delivered_total: delivered, errors, ...(job.scenario === 'handoff' ? { handoffs } : {}),
   });
 }
 
@@ -600,14 +853,15 @@ async function runSingle(job, events) {
   const start = now() + START_DELAY_NS;
   const startAbs = epoch + BigInt(Math.round(start));
   emitStart(events, job, startAbs);
-  const raw = await runner.run(start, progressEmitter(events, startAbs));
+  const raw = await runner.run(start, progressEmitter(events, job, startAbs));
   return finish(job, [raw], startAbs, null);
 }
 
 function emitStart(events, job, startAbs) {
-  const w0 = startAbs + BigInt(Math.round(job.warmup * NS_PER_S));
+  const [offset, length] = windowOf(job);
+  const w0 = startAbs + BigInt(Math.round(offset * NS_PER_S));
   emit(events, { event: 'start', start_ns: String(startAbs), w0_ns: String(w0),
-                 w1_ns: String(w0 + BigInt(Math.round(job.duration * NS_PER_S))) });
+                 w1_ns: String(w0 + BigInt(Math.round(length * NS_PER_S))) });
 }
 
 /** N child processes, each with whole sessions; the parent starts them together and merges their results. */
@@ -625,11 +879,11 @@ async function runParent(job, procs, events) {
   emit(events, { event: 'connecting', t_ns: String(epoch + BigInt(Math.round(c0))) });
   const children = used.map((devices) => {
     const child = fork(HERE, ['--worker'], { serialization: 'advanced', stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
-    const state = { child, progress: [0, 0] };
+    const state = { child, progress: [0, 0, 0] };
     state.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
     state.message = (type) => new Promise((resolve, reject) => {
       const onMessage = (m) => {
-        if (m.type === 'progress') state.progress = [m.delivered_total, m.errors];
+        if (m.type === 'progress') state.progress = [m.delivered_total, m.errors, m.handoffs];
         else if (m.type === type) {
           child.off('message', onMessage);
           resolve(m);
@@ -650,16 +904,16 @@ async function runParent(job, procs, events) {
     const start = now() + START_DELAY_NS;
     const startAbs = epoch + BigInt(Math.round(start));
     emitStart(events, job, startAbs);
-    const w0 = start + job.warmup * NS_PER_S;
+    const [offset, length] = windowOf(job);
+    const w0 = start + offset * NS_PER_S;
     const cpu = {}; // the parent's own share over the window: it only relays messages, but it is counted
-    setTimeout(() => { cpu.t0 = now(); cpu.u0 = process.cpuUsage(); }, Math.max(0, (w0 - now()) / 1e6));
-    setTimeout(() => { cpu.t1 = now(); cpu.used = process.cpuUsage(cpu.u0); },
-      Math.max(0, (w0 + job.duration * NS_PER_S - now()) / 1e6));
+    at(w0, () => { cpu.t0 = now(); cpu.u0 = process.cpuUsage(); });
+    at(w0 + length * NS_PER_S, () => { cpu.t1 = now(); cpu.used = process.cpuUsage(cpu.u0); });
     const results = children.map((c) => c.message('raw'));
     for (const c of children) c.child.send({ type: 'start', start });
-    const progress = progressEmitter(events, startAbs);
-    const ticker = setInterval(() => progress(children.reduce((n, c) => n + c.progress[0], 0),
-      children.reduce((n, c) => n + c.progress[1], 0)), PROGRESS_MS);
+    const progress = progressEmitter(events, job, startAbs);
+    const sum = (i) => children.reduce((n, c) => n + c.progress[i], 0);
+    const ticker = setInterval(() => progress(sum(0), sum(1), sum(2)), PROGRESS_MS);
     const raws = (await Promise.all(results)).map((m) => m.raw);
     clearInterval(ticker);
     const own = cpu.used ?? process.cpuUsage(cpu.u0);
@@ -684,8 +938,8 @@ function runWorker() {
         const used = process.cpuUsage(u0);
         process.send({ type: 'connected', connected, failed, cpu_s: (used.user + used.system) / 1e6 });
       } else if (m.type === 'start') {
-        const raw = await runner.run(m.start, (delivered, errors) =>
-          process.send({ type: 'progress', delivered_total: delivered, errors }));
+        const raw = await runner.run(m.start, (delivered, errors, handoffs) =>
+          process.send({ type: 'progress', delivered_total: delivered, errors, handoffs }));
         process.send({ type: 'raw', raw }, () => process.exit(0));
       }
     } catch (err) {

@@ -1,6 +1,6 @@
-"""`--generator node`: the fanout load from bench/nodegen/gen.mjs (Node's ws) through `python -m bench ... --quick`,
-against a real sessiond and the baseline (issue 9). Like test_smoke.py: the run completes, every change is delivered
-to every other device, no error, the figures are there; never a speed threshold.
+"""`--generator node`: the fanout load (and capacity, handoff) from bench/nodegen/gen.mjs (Node's ws) through
+`python -m bench ... --quick`, against a real sessiond and the baseline (issue 9). Like test_smoke.py: the run
+completes, every change is delivered to every other device, no error, the figures are there; never a speed threshold.
 
 Needs node 20+ and npm (scripts/tools.sh ensure); a missing tool fails, it never skips. `npm ci` runs only when
 bench/nodegen/node_modules is missing or older than the lockfile (the npm registry is the only download).
@@ -109,7 +109,52 @@ async def test_capacity_with_the_node_generator(nodegen: Path, tmp_path: Path, t
     assert 0 < r["generator_max_proc_util"] <= r["generator_cpu_util"]
 
 
-async def test_the_node_generator_drives_fanout_saturation_and_capacity_only(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "bench", "handoff", "--generator", "node", "--results", str(tmp_path)]
+def handed_off_everything(r: dict[str, Any]) -> None:
+    """Handoffs happened, every acked change reached the other device exactly once, nothing went wrong."""
+    assert r["generator"] == "node"
+    assert r["handoffs"] > 0 and r["handoff"]["count"] == r["handoffs"]
+    assert r["changes_acked"] == r["handoffs"] * 3  # each pair stops after a whole handoff: 3 acked ops each
+    assert (r["lost"], r["duplicated"], r["version_gaps"]) == (0, 0, 0)
+    assert r["error_count"] == 0 and r["errors"] == {}
+    sane_latency(r["handoff"])
+    assert 0 < r["handoffs_in_window"] <= r["handoffs"]
+    assert math.isfinite(r["server_cpu_per_handoff_ms"]) and r["server_cpu_per_handoff_ms"] > 0
+    assert 0 < r["generator_max_proc_util"] <= r["generator_cpu_util"]
+
+
+async def test_handoff_with_the_node_generator(nodegen: Path, tmp_path: Path) -> None:
+    """The closed loop on Node against sessiond: the same keys as the Python handoff, the latency recomputed by
+    bench/stats.py from gen.mjs's samples equal to gen.mjs's own summary."""
+    r = await run_bench("handoff", "sessiond", tmp_path, "--generator", "node")
+    handed_off_everything(r)
+    assert r["pacing"] == "closed loop" and r["generator_procs"] == 1
+    node, ours = r["node"]["handoff"], r["handoff"]
+    assert {q: node[q] for q in ("count", "p50_ms", "p90_ms", "p99_ms", "max_ms")} == \
+           {q: ours[q] for q in ("count", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
+    assert "load generator" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "latency.png").exists()
+
+
+async def test_paced_handoff_on_two_node_processes(nodegen: Path, tmp_path: Path) -> None:
+    """--handoff-rate paces each pair; --procs 2 splits the pairs over two Node processes and merges them."""
+    r = await run_bench("handoff", "baseline", tmp_path, "--generator", "node", "--handoff-rate", "2",
+                        "--procs", "2")
+    handed_off_everything(r)
+    assert r["pacing"] == "2/s per session"
+    per_session = r["handoffs"] / r["sessions"] / r["duration_s"]
+    assert 0.5 <= per_session <= 2.5, per_session  # about 2 a second, never the closed loop's
+    assert r["generator_procs"] == 2 and len(r["node"]["cpu"]["procs"]) == 3  # two workers and their parent
+
+
+async def test_gen_mjs_refuses_a_handoff_job_without_pairs(nodegen: Path) -> None:
+    job = b'{"url": "ws://127.0.0.1:1/v1/ws", "scenario": "handoff", "devices": [{"session": "s", "device": "a"}]}'
+    done = await trio.run_process(["node", "gen.mjs", "-"], stdin=job, cwd=nodegen, capture_stdout=True,
+                                  capture_stderr=True, check=False)
+    assert done.returncode == 2 and done.stdout == b""
+    assert b"exactly two devices" in done.stderr
+
+
+async def test_the_node_generator_drives_fanout_saturation_capacity_and_handoff_only(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "bench", "soak", "--generator", "node", "--results", str(tmp_path)]
     done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
-    assert done.returncode == 2 and b"fanout, saturation, capacity only" in done.stderr
+    assert done.returncode == 2 and b"fanout, saturation, capacity, handoff only" in done.stderr
