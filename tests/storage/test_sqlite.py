@@ -6,14 +6,16 @@ import dataclasses
 import random
 import sqlite3
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from storage.ports import Fenced, SessionRecord, Snapshot, StorageUnavailable, save_durable_checkpoint
-from storage.sqlite import DB_FILE, MIGRATIONS, open_sqlite_storage
+from storage.sqlite import DB_FILE, MIGRATIONS, SqliteDatabase, open_sqlite_storage
 
 
 def record(session_id: str, owner: str = "alice", created_at: float = 1_700_000_000.25) -> SessionRecord:
@@ -162,14 +164,14 @@ async def test_durable_checkpoint_is_one_transaction_in_one_thread_hop(tmp_path:
         await storage.sessions.fence("s1", 3)
         db = storage.sessions.db  # type: ignore[attr-defined]
         hops = 0
-        run_raw = db._run_raw
+        hop = db._hop
 
         async def counting(fn: Any) -> Any:
             nonlocal hops
             hops += 1
-            return await run_raw(fn)
+            return await hop(fn)
 
-        db._run_raw = counting
+        db._hop = counting
         snap = Snapshot("s1", 7, {"n": 7}, "paused", None, {"a": [[4, 7]]}, epoch=3)
         paused = dataclasses.replace(record("s1"), status="paused", version=7)
         await save_durable_checkpoint(storage, snap, paused, 3)
@@ -184,3 +186,36 @@ async def test_durable_checkpoint_is_one_transaction_in_one_thread_hop(tmp_path:
             await save_durable_checkpoint(storage, stale, dataclasses.replace(paused, version=9), 3)
         assert await storage.snapshots.load_snapshot("s1") == snap
         assert await storage.sessions.get_session("s1") == paused
+
+
+async def test_close_waits_for_the_batch_in_the_thread(tmp_path: Path) -> None:
+    """The batch hop holds no limiter: close must still never take the connection from under a running batch."""
+    db = SqliteDatabase(tmp_path / "x.db")
+    await db.open()
+    started, release = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> int:
+        started.set()
+        release.wait(10)
+        return int(conn.execute("SELECT 1").fetchone()[0])
+
+    results: list[int] = []
+    closed = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            results.append(await db.run(slow))
+
+        async def close() -> None:
+            await db.close()
+            closed.set()
+
+        nursery.start_soon(call)
+        await trio.to_thread.run_sync(started.wait, 10)
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not closed.is_set()  # the batch still has the connection
+        release.set()
+    assert results == [1]
+    with pytest.raises(StorageUnavailable):
+        await db.run(lambda conn: conn.execute("SELECT 1"))
