@@ -105,7 +105,7 @@ def _copy_json(value: dict[str, JSON]) -> dict[str, JSON]:
 # ---- effects -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every change (a frozen init costs 3x); never mutated
 class Send:
     """One frame to one connected device. `opens`: the welcome of a join, the first frame of a new connection
     (frames to the device before it in the same turn were meant for an older connection)."""
@@ -115,7 +115,7 @@ class Send:
     opens: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every change (a frozen init costs 3x); never mutated
 class Broadcast:
     """One frame, encoded once, to every connected device except `exclude`. `json`: its JSON encoding when it
     exists already (a patch's, kept for replay): the fan-out sends those very bytes (frame once, issue 9)."""
@@ -125,7 +125,7 @@ class Broadcast:
     json: bytes | None = field(default=None, compare=False)  # a cache of `frame`'s encoding, not part of it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every change (a frozen init costs 3x); never mutated
 class Journal:
     change: Change
 
@@ -171,7 +171,7 @@ class Rejected:
     version: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every change (a frozen init costs 3x); never mutated
 class Accepted:
     version: int
     active: str | None = None

@@ -85,7 +85,7 @@ class Snapshot:
     epoch: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every change (a frozen init costs 3x); never mutated
 class Change:
     """One accepted change, as journaled: the ops that took the session from version-1 to version."""
 
