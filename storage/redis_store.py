@@ -1,4 +1,5 @@
-"""Redis journal + latest snapshot (DESIGN §5 guarantee 2), redis.asyncio driven through the bridge.
+"""Redis journal + latest snapshot (DESIGN §5 guarantee 2), redis.asyncio driven through the bridge, but for the
+group commit on a plain Redis, which writes on a trio connection of its own (storage/redis_trio.py).
 
 Keys: every key of one session shares its hash tag, `{prefix}{SID}:...` (prefix default "sessiond:"), so one
 session's scripts run on one Redis Cluster node and no script or transaction ever spans sessions (DESIGN §6):
@@ -47,6 +48,7 @@ from storage.ports import (
     StorageUnavailable,
     VersionConflict,
 )
+from storage.redis_trio import TrioRedisConnection, supported
 
 T = TypeVar("T")
 
@@ -194,12 +196,17 @@ class RedisClient:
 class RedisJournal:
     """Journal port on a Redis stream per session."""
 
-    def __init__(self, redis: RedisClient, max_entries: int = MAX_JOURNAL_ENTRIES) -> None:
+    def __init__(
+        self, redis: RedisClient, max_entries: int = MAX_JOURNAL_ENTRIES, trio_conn: TrioRedisConnection | None = None
+    ) -> None:
         self._r = redis
         self.max_entries = max_entries
-        # The group commit's own connection (bridge loop only; plain Redis only): see `_exchange`.
+        # The group commit's own connection: on trio (`trio_conn`, plain Redis over redis:// or unix://), else on
+        # the bridge loop (`_exchange`: rediss://). A cluster, or a second concurrent call, takes a pipeline.
+        self._trio = trio_conn
+        self._trio_busy = False  # trio thread only
         self._conn: Any = None
-        self._conn_busy = False
+        self._conn_busy = False  # bridge loop only
 
     def _append_args(self, session_id: str, changes: Sequence[Change], token: int) -> list[Any]:
         """The append script's command: EVAL, its keys and arguments."""
@@ -239,7 +246,13 @@ class RedisJournal:
         return results
 
     async def aclose(self) -> None:
-        """Close the journal's own connection (on the bridge loop; the client's `aclose` would too)."""
+        """Close the journal's own connections: the trio one here, the bridge one on its loop."""
+        if self._trio is not None:
+            self._trio.close()
+        await self._r.bridge.run(self._disconnect)
+
+    async def _disconnect(self) -> None:
+        """On the bridge loop (the client's `aclose` would close it too)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.disconnect()
@@ -264,10 +277,10 @@ class RedisJournal:
         tokens = tokens or {}
 
         async def run() -> list[Any]:
-            # Encoded here, on the bridge thread, not on the trio thread. Not a transaction: each session's script
-            # is atomic by itself.
+            # On the bridge thread (rediss://, a Redis Cluster, a second concurrent call): encoded here. Not a
+            # transaction: each session's script is atomic by itself.
             commands = [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
-            if not self._r.cluster and not self._conn_busy:
+            if self._trio is None and not self._r.cluster and not self._conn_busy:
                 self._conn_busy = True
                 try:
                     return await self._exchange(commands)
@@ -286,7 +299,12 @@ class RedisJournal:
                 return list(await pipe.execute(raise_on_error=False))
 
         started = time.perf_counter()
-        results = await self._r.call(run)
+        if self._trio is not None and not self._trio_busy:
+            results = await self._trio_exchange(
+                [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
+            )
+        else:
+            results = await self._r.call(run)
         _APPEND_SECONDS.observe(time.perf_counter() - started)
         errors = {
             sid: _map_error(res) for (sid, _), res in zip(items, results, strict=True) if isinstance(res, Exception)
@@ -299,6 +317,31 @@ class RedisJournal:
         if len(items) == 1:
             raise next(iter(errors.values()))
         raise JournalRefused(errors)
+
+    async def _trio_exchange(self, commands: list[list[Any]]) -> list[Any]:
+        """The group commit on the trio connection, outages mapped as `RedisClient.call` maps them.
+
+        One retry when a connection that sat idle turns out dead (Redis restarted, a proxy or CLIENT KILL dropped
+        it); appends are idempotent, so a batch that did land is accepted again unchanged. A fresh connection that
+        fails, or a timeout, is not retried: Redis is down or hung, and the caller's time is spent.
+        """
+        conn = self._trio
+        assert conn is not None
+        self._trio_busy = True
+        try:
+            idle = conn.connected
+            try:
+                return await conn.exchange(commands)
+            except RedisConnectionError:
+                if not idle:
+                    raise
+            await trio.sleep(0.01)
+            return await conn.exchange(commands)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            STORAGE_ERRORS.labels("redis", "unavailable").inc()
+            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._trio_busy = False
 
     async def read_after(self, session_id: str, version: int) -> list[Change]:
         key = self._r.journal_key(session_id)
@@ -431,7 +474,8 @@ async def open_redis(
 
     client = await bridge.run(make)
     rc = RedisClient(bridge, client, prefix, socket_timeout)
-    journal = RedisJournal(rc, max_entries)
+    trio_conn = None if rc.cluster or not supported(url) else TrioRedisConnection(url, socket_timeout)
+    journal = RedisJournal(rc, max_entries, trio_conn)
     try:
         yield RedisBackend(
             client=rc,
@@ -441,5 +485,5 @@ async def open_redis(
         )
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(socket_timeout + 1.0):
-            await bridge.run(journal.aclose)
+            await journal.aclose()
             await bridge.run(client.aclose)

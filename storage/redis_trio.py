@@ -1,0 +1,120 @@
+"""The journal's group-commit connection, on trio itself: the hottest Redis call skips the bridge.
+
+Why: with durability=redis every ack waits for the group commit, hundreds of flushes a second. Through the bridge
+each cost 230-320 µs of CPU, most of it two cross-thread wakeups, the asyncio loop's iterations and GIL handoffs,
+not Redis. Here the flush is one `send_all` and a few `receive_some` on the trio thread.
+
+Only what the group commit needs: connect (TCP or unix socket), the handshake the URL asks for (AUTH, SELECT), and
+pipelined exchanges. No hand-written protocol: redis-py's own packer (`HiredisRespSerializer`, what its connections
+use when hiredis is installed) encodes, hiredis' sans-I/O `Reader` (redis-py's accelerator) parses, and redis-py's
+`parse_url` and `BaseParser.parse_error` read the URL and turn error replies into the exception types redis.asyncio
+raises. Everything else (reads, snapshots, leases, TLS, Redis Cluster) stays on redis.asyncio through the bridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import trio
+from redis._parsers import BaseParser
+from redis.connection import HiredisRespSerializer, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_MORE = object()  # hiredis' "not enough data yet" (its default, False, could be mistaken for a reply)
+_READ_SIZE = 65536
+
+
+def supported(url: str) -> bool:
+    """Plain TCP and unix sockets; `rediss://` (TLS) keeps redis.asyncio's connection on the bridge."""
+    return url.startswith(("redis://", "unix://"))
+
+
+class TrioRedisConnection:
+    """One lazily (re)connected Redis connection owned by the trio thread; one exchange at a time.
+
+    `exchange` raises redis-py's `ConnectionError` / `TimeoutError` (what redis.asyncio raises for the same
+    failures) and leaves the connection closed: a half-read reply stream is unusable. The next exchange reconnects.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        if not supported(url):
+            raise ValueError(f"not a redis:// or unix:// URL: {url.split('://')[0]}://")
+        kw = parse_url(url)
+        self.timeout = timeout
+        self._path: str | None = kw.get("path") if url.startswith("unix://") else None
+        self._host: str = kw.get("host", "localhost")
+        self._port: int = kw.get("port", 6379)
+        self._handshake: list[tuple[Any, ...]] = []
+        username, password = kw.get("username"), kw.get("password")
+        if username or password:  # as redis-py: AUTH [username] password
+            self._handshake.append(("AUTH", username, password or "") if username else ("AUTH", password))
+        if kw.get("client_name"):
+            self._handshake.append(("CLIENT", "SETNAME", kw["client_name"]))
+        if kw.get("db"):
+            self._handshake.append(("SELECT", kw["db"]))
+        self._packer = HiredisRespSerializer()
+        self._stream: trio.SocketStream | None = None
+        self._reader: hiredis.Reader | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._stream is not None
+
+    def close(self) -> None:
+        """Close at once (what `SocketStream.aclose` does before its checkpoint): callable while cancelled."""
+        stream, self._stream, self._reader = self._stream, None, None
+        if stream is not None:
+            stream.socket.close()
+
+    async def exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send the commands in one write, read one reply each; an error reply comes back as its exception (as
+        `execute(raise_on_error=False)`). Connecting, the handshake and the exchange share one `timeout`."""
+        try:
+            with trio.fail_after(self.timeout):
+                if self._stream is None:
+                    await self._connect()
+                return await self._roundtrip(commands)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, trio.TooSlowError):
+                raise RedisTimeoutError(f"no reply from Redis within {self.timeout} s") from None
+            if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError | InvalidResponse):
+                raise RedisConnectionError(f"{type(exc).__name__}: {exc}") from exc
+            raise  # redis-py's ConnectionError family as is; Cancelled; bugs
+
+    async def _connect(self) -> None:
+        if self._path is not None:
+            stream = await trio.open_unix_socket(self._path)
+        else:
+            stream = await trio.open_tcp_stream(self._host, self._port)  # sets TCP_NODELAY
+        self._stream = stream
+        self._reader = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error, notEnoughData=_MORE
+        )
+        if self._handshake:
+            for reply in await self._roundtrip(self._handshake):
+                if isinstance(reply, Exception):
+                    raise RedisConnectionError(f"Redis handshake refused: {reply}")
+
+    async def _roundtrip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        stream, reader = self._stream, self._reader
+        assert stream is not None and reader is not None
+        pack = self._packer.pack
+        await stream.send_all(b"".join([chunk for command in commands for chunk in pack(*command)]))
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            reply = reader.gets()
+            if reply is _MORE:
+                data = await stream.receive_some(_READ_SIZE)
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                reader.feed(data)
+            elif isinstance(reply, RedisConnectionError):
+                raise reply  # LOADING, NOAUTH, ...: redis-py raises these rather than returning them
+            else:
+                replies.append(reply)
+        return replies
