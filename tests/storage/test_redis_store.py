@@ -8,6 +8,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -279,11 +280,10 @@ async def test_a_cancelled_group_commit_leaves_the_journal_usable(bridge: Bridge
         nursery.cancel_scope.cancel()
 
 
-async def test_the_trio_group_commit_times_out_once_on_a_silent_server(bridge: Bridge) -> None:
-    """A peer that accepts and never answers: StorageUnavailable after the socket timeout, once (a fresh connection
-    that times out is not retried), and the connection is dropped."""
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A loopback port whose peer accepts and never answers (a hung Redis, a black-holed route)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
 
     async def accept_and_hold(stream: trio.SocketStream) -> None:
         async with stream:
@@ -291,15 +291,24 @@ async def test_the_trio_group_commit_times_out_once_on_a_silent_server(bridge: B
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, accept_and_hold, listeners)
-        async with open_redis(bridge, f"redis://127.0.0.1:{port}/0", prefix="x:", socket_timeout=0.3) as backend:
-            j = backend.journal
-            assert j._trio is not None
-            t0 = trio.current_time()
-            with pytest.raises(StorageUnavailable, match="TimeoutError"):
-                await j.append_many({"a": changes(1, 1), "b": changes(1, 1)})
-            assert 0.29 <= trio.current_time() - t0 < 0.6
-            assert not j._trio.connected
+        yield listeners[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
+
+
+async def test_the_trio_group_commit_times_out_once_on_a_silent_server(bridge: Bridge) -> None:
+    """A peer that accepts and never answers: StorageUnavailable after the socket timeout, once (a fresh connection
+    that times out is not retried), and the connection is dropped."""
+    async with (
+        silent_server() as port,
+        open_redis(bridge, f"redis://127.0.0.1:{port}/0", prefix="x:", socket_timeout=0.3) as backend,
+    ):
+        j = backend.journal
+        assert j._trio is not None
+        t0 = trio.current_time()
+        with pytest.raises(StorageUnavailable, match="TimeoutError"):
+            await j.append_many({"a": changes(1, 1), "b": changes(1, 1)})
+        assert 0.29 <= trio.current_time() - t0 < 0.6
+        assert not j._trio.connected
 
 
 async def test_the_url_database_is_selected(bridge: Bridge) -> None:
@@ -469,21 +478,14 @@ async def test_closed_port_raises_storage_unavailable_quickly(bridge: Bridge) ->
 
 async def test_silent_server_times_out_as_unavailable(bridge: Bridge) -> None:
     """A peer that accepts but never answers (a hung Redis, a black-holed route) must not hang the caller."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-
-    async def accept_and_hold(stream: trio.SocketStream) -> None:
-        async with stream:
-            await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, accept_and_hold, listeners)
-        async with open_redis(bridge, f"redis://127.0.0.1:{port}/0", prefix="x:", socket_timeout=0.3) as backend:
-            t0 = trio.current_time()
-            with pytest.raises(StorageUnavailable):
-                await backend.journal.append("s1", changes(1, 1))
-            assert trio.current_time() - t0 < 3.0
-        nursery.cancel_scope.cancel()
+    async with (
+        silent_server() as port,
+        open_redis(bridge, f"redis://127.0.0.1:{port}/0", prefix="x:", socket_timeout=0.3) as backend,
+    ):
+        t0 = trio.current_time()
+        with pytest.raises(StorageUnavailable):
+            await backend.journal.append("s1", changes(1, 1))
+        assert trio.current_time() - t0 < 3.0
 
 
 def test_snapshot_encoding_is_unchanged_and_round_trips() -> None:
