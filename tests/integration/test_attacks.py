@@ -12,7 +12,7 @@ import httpx
 import jwt
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from api.logs import configure_logging, reset_logging
 from bench.server import running_target
@@ -344,7 +344,10 @@ async def test_rest_authenticates_before_reading_the_body_and_refuses_deep_docum
 async def test_a_huge_frame_is_cut_with_1009_and_the_server_lives_on(server: Harness) -> None:
     sid = await server.create_session()
     async with raw_device(server, sid, "huge") as d:
-        await d.send("x" * 200_000)  # beyond twice the frame cap: the library refuses to buffer it
+        # Beyond twice the frame cap: the server cuts it from its header, maybe before the client has written it all
+        # (then the client's send already sees the close; the loaded CI box did once).
+        with contextlib.suppress(ConnectionClosed):
+            await d.send("x" * 200_000)
         assert await d.closed_code() == 1009
     async with raw_device(server, sid, "next") as d:
         await d.send({"t": "op", "id": 1, "ops": [{"op": "set", "path": "/ok", "value": 1}]})
