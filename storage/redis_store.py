@@ -276,10 +276,13 @@ class RedisJournal:
             return
         tokens = tokens or {}
 
+        def encode() -> list[list[Any]]:
+            """One append script per session. Not a transaction: each session's script is atomic by itself."""
+            return [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
+
         async def run() -> list[Any]:
-            # On the bridge thread (rediss://, a Redis Cluster, a second concurrent call): encoded here. Not a
-            # transaction: each session's script is atomic by itself.
-            commands = [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
+            # On the bridge thread (rediss://, a Redis Cluster, a second concurrent call): encoded here.
+            commands = encode()
             if self._trio is None and not self._r.cluster and not self._conn_busy:
                 self._conn_busy = True
                 try:
@@ -300,9 +303,7 @@ class RedisJournal:
 
         started = time.perf_counter()
         if self._trio is not None and not self._trio_busy:
-            results = await self._trio_exchange(
-                [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
-            )
+            results = await self._trio_exchange(encode())
         else:
             results = await self._r.call(run)
         _APPEND_SECONDS.observe(time.perf_counter() - started)

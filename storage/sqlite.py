@@ -145,7 +145,6 @@ class SqliteDatabase:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
         self._pending: list[_Call[Any]] = []
         self._draining = False
         self._idle = trio.Event()
@@ -157,23 +156,15 @@ class SqliteDatabase:
         await self._run_raw(connect)
 
     async def close(self) -> None:
-        """Close once every queued call has run (shielded: closing must happen even when cancelled)."""
+        """Close once every queued call has run: the close is queued behind them like any call, so it never takes
+        the connection from under a batch (shielded: closing must happen even when cancelled)."""
 
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        def close(conn: sqlite3.Connection) -> None:
+            conn.close()
+            self._conn = None  # the calls after it in its batch, and every later one, find the store closed
 
-        with trio.CancelScope(shield=True):
-            while self._draining:  # a batch is in the thread: it has the connection until it reports back
-                await self._idle.wait()
-            self._draining = True  # and no batch starts while the connection closes
-            self._idle = trio.Event()
-            try:
-                await trio.to_thread.run_sync(close, limiter=self._limiter)
-            finally:
-                self._draining = False
-                self._idle.set()
+        with trio.CancelScope(shield=True), contextlib.suppress(StorageUnavailable):  # closed already
+            await self.run(close)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(connection)` in the worker thread; I/O failures become StorageUnavailable.
@@ -215,7 +206,7 @@ class SqliteDatabase:
                     call.error = exc
             call.done = True
 
-    async def _hop(self, fn: Callable[[], None]) -> None:
+    async def _hop(self, fn: Callable[[], T]) -> T:
         """Run `fn` in a worker thread (trio's thread cache) and wait for it, with no pass of the run loop before
         it starts: trio.to_thread checkpoints and takes its limiter first, two passes that under load held a
         handoff's snapshot ~4 ms before the thread even began (its batch then ran in 1.6 ms). The wait is not
@@ -224,16 +215,17 @@ class SqliteDatabase:
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
 
-        def deliver(result: outcome.Outcome[None]) -> None:  # in the worker thread
+        def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
             with contextlib.suppress(trio.RunFinishedError):  # the run is over: nobody waits any more
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         trio.lowlevel.start_thread_soon(fn, deliver)
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        result: T = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return result
 
     async def _run_raw(self, fn: Callable[[], T]) -> T:
         try:
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+            return await self._hop(fn)
         except (sqlite3.Error, OSError) as exc:
             if isinstance(exc, OSError) or _is_io_failure(exc):
                 raise StorageUnavailable(f"SQLite store {self.path}: {exc}") from exc
