@@ -57,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--factor", type=float, help="saturation: R multiplier per step (default 1.5)")
     p.add_argument("--steps", type=int, help="saturation: most steps (default 10)")
     p.add_argument("--step-duration", type=float, help="saturation: measured seconds per step (default 4)")
+    p.add_argument("--p99-limit", type=float,
+                   help="saturation: a step fails above this delivery p99 in ms (default 50, issue 9's bound)")
     p.add_argument("--pods", type=int, help="cluster: pods of the multi-pod run (default 3)")
     p.add_argument("--ttl", type=float, help="cluster: SESSIOND_LEASE_TTL_S, membership and lease TTL (default 3.0)")
     p.add_argument("--failover-sessions", type=int, help="cluster: sessions under load at the kill (default 30)")
@@ -99,7 +101,8 @@ def options(args: argparse.Namespace) -> Options:
     flags = {"sessions": args.sessions, "devices": args.devices, "rate": args.rate, "duration": args.duration,
              "warmup": args.warmup, "capacity_devices": args.count, "saturation_start": args.start_rate,
              "saturation_factor": args.factor, "saturation_steps": args.steps,
-             "saturation_step_s": args.step_duration, "pods": args.pods, "ttl": args.ttl,
+             "saturation_step_s": args.step_duration, "p99_limit_ms": args.p99_limit,
+             "pods": args.pods, "ttl": args.ttl,
              "failover_sessions": args.failover_sessions, "failover_rate": args.failover_rate,
              "generator": args.generator, "generator_procs": args.procs, "handoff_rate": args.handoff_rate}
     if args.scenario == CLUSTER and not args.quick:

@@ -44,7 +44,7 @@ class Options:
     saturation_factor: float = 1.5
     saturation_steps: int = 10
     saturation_step_s: float = 4.0
-    p99_limit_ms: float = 100.0
+    p99_limit_ms: float = 50.0  # issue 9: the highest rate with delivery p99 <= 50 ms
     delivered_floor: float = 0.95
     handoff_ops: int = 3  # ops the active device sends (acked) between two handoffs
     handoff_rate: float | None = None  # handoffs/s per session (paced); None: each pair as fast as it can
