@@ -6,6 +6,10 @@ shutdown and moves. Periodic ones are written by a background task while the act
 database must not stall acks), at most one in flight; the others are awaited. Every write carries the actor's
 fencing token: a write refused as `Fenced` means another pod owns the session now.
 
+Without Redis, the fast tier is this process's memory (durability `memory`): a claim's snapshot is then as safe as
+the in-process journal beside it, at no thread hop. A handoff snapshot that went to the fast tier alone leaves the
+durable tier behind at the same version: the next periodic checkpoint catches it up (`behind`), as it does changes.
+
 An awaited handoff checkpoint does only what its ack needs: the snapshot (and with it the session record, in one
 write where the store allows, `save_durable_checkpoint`). Trimming the journal the snapshot covers is
 housekeeping that no ack waits for: it follows in the background.
@@ -33,6 +37,7 @@ class Checkpointer:
     """The snapshot policy and writes of one actor; `state` is the actor's current SessionState."""
 
     __slots__ = (
+        "_behind",
         "_busy",
         "_fast_version",
         "_on_fenced",
@@ -43,7 +48,9 @@ class Checkpointer:
         "session_id",
         "storage",
         "tasks",
+        "tiered",
         "token",
+        "volatile",
     )
 
     def __init__(
@@ -57,6 +64,11 @@ class Checkpointer:
         self.last_checkpoint_at: float | None = None  # wall clock of the last durable checkpoint
         self.last_clock = trio.current_time()  # trio clock of the last durable attempt
         self._fast_version = 0
+        # Snapshots written to the fast tier alone since the durable tier last caught up.
+        self._behind = 0
+        snapshots = getattr(storage, "snapshots", None)  # (None: a test's actor without storage)
+        self.tiered = bool(getattr(snapshots, "tiered", False))  # a fast tier to write handoffs to
+        self.volatile = bool(getattr(snapshots, "volatile", False))  # ... in this process's memory
         # Each actor's own period (±10 %): sessions started together must not all checkpoint in the same instant.
         self.period_s = config.checkpoint_every_s * random.uniform(0.9, 1.1)
         self._busy: trio.Event | None = None  # set while a background checkpoint is being written
@@ -71,9 +83,21 @@ class Checkpointer:
         freed when the registry lets go of it, not at the next full collection (issue 8)."""
         self._on_fenced = _nothing
 
+    def dirty(self, state: SessionState) -> bool:
+        """The durable tier is behind: changes, or a handoff whose snapshot went to the fast tier alone."""
+        return state.version != state.checkpointed_version or self._behind > 0
+
+    def held_bytes(self, state: SessionState) -> int:
+        """What a volatile fast tier holds for this session: about one more copy of its state (DESIGN §5.5)."""
+        return state.approx_bytes if self._behind and self.volatile else 0
+
+    def mark_behind(self) -> None:
+        """The state came from a fast snapshot newer than the durable one (a restart of a volatile tier's)."""
+        self._behind += 1
+
     def due(self, state: SessionState, now: float) -> bool:
-        """Changed since the last durable checkpoint, and a period has passed."""
-        return state.version != state.checkpointed_version and now - self.last_clock >= self.period_s
+        """Dirty, and a period has passed since the last durable attempt."""
+        return self.dirty(state) and now - self.last_clock >= self.period_s
 
     async def now(
         self,
@@ -137,19 +161,20 @@ class Checkpointer:
         self.tasks = None
         self._busy = None
 
-    def _take(self, state: SessionState, durable: bool, force: bool) -> tuple[Snapshot, SessionRecord] | None:
-        done = state.checkpointed_version if durable else self._fast_version
-        if not force and state.version == done:
+    def _take(self, state: SessionState, durable: bool, force: bool) -> tuple[Snapshot, SessionRecord, int] | None:
+        """The snapshot and record, and (durable) how many fast-only handoffs they cover."""
+        if not force and not (self.dirty(state) if durable else state.version != self._fast_version):
             return None
         if durable:
             self.last_clock = trio.current_time()  # the attempt: a failure is retried a period later
-        return state.snapshot(), state.record()
+        return state.snapshot(), state.record(), self._behind if durable else 0
 
     async def _write(
         self,
         state: SessionState,
         snapshot: Snapshot,
         record: SessionRecord,
+        covers: int,
         *,
         durable: bool,
         reason: str,
@@ -189,6 +214,13 @@ class Checkpointer:
         if durable:
             state.checkpointed_version = max(state.checkpointed_version, snapshot.version)
             self.last_checkpoint_at = time.time()
+            self._behind -= covers  # writes of one actor never overlap: none came between the take and now
+            if not self._behind:
+                covered = getattr(storage.snapshots, "covered", None)
+                if covered is not None:
+                    covered(self.session_id, snapshot.version)
+        else:
+            self._behind += 1  # the fast tier is ahead of the durable one, at this version too
 
 
 def _nothing() -> None:

@@ -23,8 +23,3 @@ class ActorConfig:
     memory_budget_bytes: int = 512 << 20  # state bytes of all live actors; idle ones beyond it are passivated
     max_devices: int = 64  # devices one session may have connected at once (a quota: the next one is refused)
     hot_actors: int = 20  # K: the busiest K actors by each dimension get per-session metrics (0: none)
-
-    @property
-    def handoff_to_durable_tier(self) -> bool:
-        """Whether a handoff's snapshot goes to the durable tier (always when it is the only tier)."""
-        return self.durable_handoffs or self.fast_snapshot_every_versions is None

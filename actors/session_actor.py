@@ -304,12 +304,15 @@ class SessionActor:
 
     @property
     def budget_bytes(self) -> int:
-        """What the memory budget counts for this actor: its state and replay window, and the frames queued for
-        its devices on this pod (read once per budget check, not per frame). A dormant actor changes nothing: its
-        figure from when it fell asleep is used (the registry reads this for every actor every second)."""
+        """What the memory budget counts for this actor: its state and replay window, a volatile handoff snapshot,
+        and the frames queued for its devices on this pod (read once per budget check, not per frame). A dormant
+        actor changes nothing: its figure from when it fell asleep is used (the registry reads this for every
+        actor every second)."""
         if self.dormant:
             return self._dormant_bytes
         total = self.state_bytes
+        if self.state is not None:
+            total += self.checkpoints.held_bytes(self.state)  # a claim's snapshot in a volatile fast tier
         for link in self.links.values():  # a loop, not sum(generator): this runs for every actor every second
             total += link.queued_bytes
         return total
@@ -396,7 +399,7 @@ class SessionActor:
         the actor has a task, dormancy."""
         assert self.state is not None
         due = self._last_activity + self.config.passivate_after_s
-        self._timer_armed = self.state.version != self.state.checkpointed_version
+        self._timer_armed = self.checkpoints.dirty(self.state)
         if self._timer_armed:
             due = min(due, self.checkpoints.last_clock + self.checkpoints.period_s)
         if not (self.dormant or self._sleep_wanted):
@@ -552,7 +555,7 @@ class SessionActor:
             if await self._on_timer():
                 return True
             self._rearm()
-        elif not self._timer_armed and state.version != state.checkpointed_version:
+        elif not self._timer_armed and self.checkpoints.dirty(state):
             self._rearm()  # state just became dirty: the alarm must plan a checkpoint
         return False
 
@@ -623,8 +626,9 @@ class SessionActor:
         assert state is not None
         for effect in syncs:
             if effect.sync:
-                # Redis on every handoff; the durable tier too on pause (DESIGN §5), or when the mode asks for it.
-                durable = effect.reason == "pause" or self.config.handoff_to_durable_tier
+                # The fast tier (Redis, or memory without it) on every handoff; the durable tier on pause
+                # (DESIGN §5), when the mode asks for it (postgres), or when it is the only tier.
+                durable = effect.reason == "pause" or self.config.durable_handoffs or not self.checkpoints.tiered
                 await self.checkpoints.now(
                     state, effect.reason, durable=durable, force=True, raise_errors=True, trim_later=True
                 )

@@ -200,6 +200,9 @@ async def _load_once(actor: SessionActor) -> SessionState:
             at_version=state.journal_gap[0],
             next_in_journal=state.journal_gap[1],
         )
+    holds_volatile = getattr(storage.snapshots, "holds_volatile", None)
+    if holds_volatile is not None and holds_volatile(actor.id):
+        actor.checkpoints.mark_behind()  # a handoff only this process's memory holds: the durable tier catches up
     for device, kind in actor.kinds.items():
         state.join(device, kind, None, time.time())
     state.take_effects()  # a restart re-registers devices silently; resync_all sends the welcomes

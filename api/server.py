@@ -80,16 +80,12 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     # Storage threads (the asyncio bridge, the SQLite worker) need the GIL promptly while the trio thread is
     # busy; the default 5 ms switch interval would add up to 5 ms to every storage round trip under load.
     sys.setswitchinterval(min(sys.getswitchinterval(), STORAGE_SWITCH_INTERVAL_S))
-    if settings.redis_url or settings.database_url or settings.amqp_url:
-        from storage.production import open_production_storage
+    # Without any service this is the SQLite file, the in-process journal and a snapshot layer in memory over the
+    # file (a claim's snapshot, DESIGN §5.2): storage.production assembles that too, one path for every mode.
+    from storage.production import open_production_storage
 
-        async with open_production_storage(settings, key_prefix=settings.redis_prefix) as storage:
-            yield storage
-    else:
-        from storage.sqlite import open_sqlite_storage
-
-        async with open_sqlite_storage(settings.data_dir) as storage:
-            yield storage
+    async with open_production_storage(settings, key_prefix=settings.redis_prefix) as storage:
+        yield storage
 
 
 @dataclass

@@ -138,6 +138,24 @@ class MemorySnapshotStore:
         self._snapshots.pop(session_id, None)
 
 
+class VolatileSnapshotStore(MemorySnapshotStore):
+    """Snapshots in this process's memory: the fast tier of the embedded default (durability `memory`), where a
+    handoff's snapshot must survive an actor crash as the in-process journal does, and needs no thread hop to the
+    SQLite file. It survives nothing more than that journal does; the durable tier catches up within a checkpoint
+    period, and `forget_upto` then lets each snapshot go (DESIGN §5.2, §5.5)."""
+
+    volatile = True
+
+    def forget_upto(self, session_id: str, version: int) -> None:
+        """A durable snapshot at `version`, taken after this one, is stored: this one is no longer needed."""
+        held = self._snapshots.get(session_id)
+        if held is not None and held.version <= version:
+            del self._snapshots[session_id]
+
+    def holds(self, session_id: str) -> bool:
+        return session_id in self._snapshots
+
+
 class _Held:
     """One session's journal entries as parallel lists of atomic values (versions, each change encoded, sizes):
     ints and bytes are not tracked by the cyclic GC."""

@@ -23,7 +23,14 @@ import structlog
 import trio
 
 from storage.batching import BatchingJournal, ManyJournal
-from storage.memory import MemoryEventSink, MemoryJournal, MemoryLeases, MemoryMembership, MemoryPubSub
+from storage.memory import (
+    MemoryEventSink,
+    MemoryJournal,
+    MemoryLeases,
+    MemoryMembership,
+    MemoryPubSub,
+    VolatileSnapshotStore,
+)
 from storage.ports import (
     DurabilitySwitchRefused,
     EventSink,
@@ -94,6 +101,27 @@ class LayeredSnapshotStore:
         await self.durable.save_snapshot(snapshot)
 
     @property
+    def tiered(self) -> bool:
+        """Two layers: a handoff's snapshot may go to the fast one alone (DESIGN §5.2)."""
+        return self.fast is not self.durable
+
+    @property
+    def volatile(self) -> bool:
+        """The fast layer is this process's memory (the embedded default): it holds a snapshot only until the
+        durable layer has one as new (`covered`), and dies with the process."""
+        return self.tiered and bool(getattr(self.fast, "volatile", False))
+
+    def covered(self, session_id: str, version: int) -> None:
+        """A durable snapshot at `version` is stored, taken after any fast one: a volatile fast layer lets its
+        own go (a Redis one keeps it, as other pods read it)."""
+        if self.volatile:
+            self.fast.forget_upto(session_id, version)  # type: ignore[attr-defined]
+
+    def holds_volatile(self, session_id: str) -> bool:
+        """The volatile fast layer holds a snapshot the durable layer has not caught up with."""
+        return self.volatile and bool(self.fast.holds(session_id))  # type: ignore[attr-defined]
+
+    @property
     def fast_trims_journal(self) -> bool:
         """The fast layer trims the journal a snapshot covers in the same step (Redis with durability `redis`):
         a separate trim after it would be a second round trip doing nothing."""
@@ -139,6 +167,15 @@ class LayeredSnapshotStore:
         await self.fast.delete_snapshots(session_id)
         if self.durable is not self.fast:
             await self.durable.delete_snapshots(session_id)
+
+
+def _memory_layered(durable: SnapshotStore, journal: Journal, mode: str) -> LayeredSnapshotStore:
+    """Without Redis: with the in-process journal (durability `memory`), a volatile fast layer in this process's
+    memory over the durable one, so a claim's snapshot is as safe as the journal beside it without a trip to the
+    durable store; otherwise (`postgres`: every handoff is durable) the durable layer alone."""
+    if mode == "memory" and isinstance(journal, MemoryJournal):
+        return LayeredSnapshotStore(VolatileSnapshotStore(journal.fences), durable)
+    return LayeredSnapshotStore(durable, durable)
 
 
 DURABILITY_MODES = ("memory", "redis", "postgres")
@@ -221,7 +258,7 @@ async def open_production_storage(
             await check_durability_switch(embedded.sessions, mode, {}, allow=allow_switch)
             yield Storage(
                 sessions=embedded.sessions,
-                snapshots=LayeredSnapshotStore(embedded.snapshots, embedded.snapshots),
+                snapshots=_memory_layered(embedded.snapshots, embedded.journal, mode),
                 journal=embedded.journal,
                 events=embedded.events,
                 health=embedded.health,
@@ -275,7 +312,7 @@ async def open_production_storage(
 
             leases, membership, pubsub = RedisLeases(rd.client), RedisMembership(rd.client), RedisPubSub(rd.client)
         else:
-            snapshots = LayeredSnapshotStore(durable, durable)
+            snapshots = _memory_layered(durable, journal, mode)
         if settings.amqp_url:
             from storage.amqp import open_amqp_events
 

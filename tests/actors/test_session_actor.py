@@ -30,8 +30,16 @@ from actors.messages import (
 from actors.registry import Registry
 from actors.session import Accepted
 from actors.session_actor import SessionActor
-from storage.memory import Fences, MemoryEventSink, MemoryJournal, MemorySessionStore, MemorySnapshotStore
+from storage.memory import (
+    Fences,
+    MemoryEventSink,
+    MemoryJournal,
+    MemorySessionStore,
+    MemorySnapshotStore,
+    VolatileSnapshotStore,
+)
 from storage.ports import Snapshot, Storage
+from storage.production import LayeredSnapshotStore
 from tests.actors.fakes import CountingJournal, FakeLink, Replica, make_registry
 
 JSON = Any
@@ -292,11 +300,13 @@ async def test_a_pause_is_acked_after_its_snapshot_not_after_the_journal_trim(nu
 
 
 class TieredSnapshots(MemorySnapshotStore):
-    """A fast tier (this store: Redis) and a durable one (`durable`: PostgreSQL or the SQLite file), with a log of
-    (tier, status, active) of every write in order."""
+    """A fast tier (this store: Redis, or memory in the embedded default) and a durable one (`durable`:
+    PostgreSQL or the SQLite file), with a log of (tier, status, active) of every write in order. `tiered=False`:
+    one tier only (the durable one, and every write goes there)."""
 
-    def __init__(self, fences: Fences) -> None:
+    def __init__(self, fences: Fences, tiered: bool = True) -> None:
         super().__init__(fences)
+        self.tiered = tiered
         self.durable = MemorySnapshotStore(fences)
         self.log: list[tuple[str, str, str | None]] = []
 
@@ -324,21 +334,22 @@ def written_before_ack(link: FakeLink, log: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "claim_tier"),
+    ("tiered", "overrides", "claim_tier"),
     [
-        ({}, "durable"),  # embedded: the durable tier is the only one (the SQLite file)
-        ({"fast_snapshot_every_versions": 100}, "fast"),  # Redis: a snapshot on every handoff
-        ({"fast_snapshot_every_versions": 100, "durable_handoffs": True}, "durable"),  # durability=postgres
+        (False, {}, "durable"),  # one tier only: the durable one
+        (True, {}, "fast"),  # embedded: a volatile tier in memory over the SQLite file
+        (True, {"fast_snapshot_every_versions": 100}, "fast"),  # Redis: a snapshot on every handoff
+        (True, {"fast_snapshot_every_versions": 100, "durable_handoffs": True}, "durable"),  # durability=postgres
     ],
 )
 async def test_pause_is_durable_before_its_ack_and_the_claim_goes_where_the_mode_says(
-    nursery: trio.Nursery, overrides: dict[str, Any], claim_tier: str
+    nursery: trio.Nursery, tiered: bool, overrides: dict[str, Any], claim_tier: str
 ) -> None:
     config = replace(CONFIG, **overrides)
     fences = Fences()
     journal = CountingJournal()
     journal.inner = MemoryJournal(fences)
-    snapshots = TieredSnapshots(fences)
+    snapshots = TieredSnapshots(fences, tiered)
     storage = Storage(MemorySessionStore(fences), snapshots, journal, MemoryEventSink())
     registry = make_registry(storage, config)
     await nursery.start(registry.run)
@@ -360,6 +371,108 @@ async def test_pause_is_durable_before_its_ack_and_the_claim_goes_where_the_mode
     await settle()
     assert b.of("ack") == [{"t": "ack", "id": 1, "version": 0}]
     assert at_claim_ack == [("durable", "paused", None), (claim_tier, "active", "b")]
+
+
+async def start_volatile_env(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> Env:
+    """The embedded default's snapshots: a volatile tier in this process's memory over a durable one (here in
+    memory too, standing in for the SQLite file), as storage.production assembles them."""
+    fences = Fences()
+    journal = CountingJournal()
+    journal.inner = MemoryJournal(fences)
+    snapshots = LayeredSnapshotStore(VolatileSnapshotStore(fences), MemorySnapshotStore(fences))
+    storage = Storage(MemorySessionStore(fences), snapshots, journal, MemoryEventSink())
+    registry = make_registry(storage, config)
+    await nursery.start(registry.run)
+    return Env(registry, storage, journal)
+
+
+def tiers(env: Env) -> tuple[Snapshot | None, Snapshot | None]:
+    """(volatile, durable) snapshots of the one session of `env`."""
+    layered = env.storage.snapshots
+    assert isinstance(layered, LayeredSnapshotStore)
+    fast, durable = layered.fast, layered.durable
+    assert isinstance(fast, VolatileSnapshotStore) and isinstance(durable, MemorySnapshotStore)
+    (sid,) = durable._snapshots or fast._snapshots
+    return fast._snapshots.get(sid), durable._snapshots.get(sid)
+
+
+async def test_a_volatile_claim_survives_an_actor_crash_and_the_durable_tier_catches_up(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start_volatile_env(nursery)
+    sid = await env.session({"n": 0})
+    a, b = FakeLink("a"), FakeLink("b")
+    actor = await env.attach(sid, a)
+    await env.attach(sid, b)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    actor.tell(PauseRequest(a, 2))
+    await settle()
+    actor.tell(ClaimRequest(b, 1))
+    await settle()
+    assert b.of("ack") == [{"t": "ack", "id": 1, "version": 1}]
+    volatile, durable = tiers(env)
+    assert volatile is not None and (volatile.status, volatile.active) == ("active", "b")
+    assert durable is not None and (durable.status, durable.active) == ("paused", None)  # the pause's
+    assert actor.state is not None and actor.checkpoints.held_bytes(actor.state) == actor.state.approx_bytes > 0
+    before = actor.budget_bytes  # the volatile copy counts
+
+    actor.tell(Crash())
+    await settle()
+    described = await env.state(sid)
+    assert (described["status"], described["active"], described["version"]) == ("active", "b", 1)
+    actor.tell(ClaimRequest(b, 1))  # the claim's answer survived too
+    await settle()
+    assert b.of("ack")[-1] == {"t": "ack", "id": 1, "version": 1}
+
+    # No change since the pause, but the durable tier is behind: the periodic checkpoint catches it up, and the
+    # volatile copy is let go.
+    await trio.sleep(CONFIG.checkpoint_every_s * 1.2)
+    await settle()
+    volatile, durable = tiers(env)
+    assert volatile is None
+    assert durable is not None and (durable.status, durable.active, durable.version) == ("active", "b", 1)
+    assert actor.budget_bytes < before
+    stored = await env.storage.sessions.get_session(sid)
+    assert stored is not None and (stored.status, stored.active) == ("active", "b")
+
+
+async def test_a_volatile_claim_is_written_durably_on_passivation(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start_volatile_env(nursery, replace(CONFIG, checkpoint_every_s=3600.0))
+    sid = await env.session({"n": 0})
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    actor.tell(PauseRequest(a, 1))
+    actor.tell(ClaimRequest(a, 2))
+    actor.tell(Detach(a))
+    with trio.fail_after(CONFIG.passivate_after_s + 10):
+        await actor.stopped.wait()
+    volatile, durable = tiers(env)
+    assert volatile is None
+    assert durable is not None and (durable.status, durable.active) == ("active", "a")
+    described = await env.state(sid)  # re-activates from the durable tier
+    assert (described["status"], described["active"]) == ("active", "a")
+
+
+async def test_a_restart_from_the_volatile_tier_still_owes_a_durable_checkpoint(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A fresh actor (the last one's passivation failed to write) that loads the volatile snapshot knows the
+    durable tier is behind, though its version is not."""
+    env = await start_volatile_env(nursery)
+    sid = await env.session({"n": 0})
+    layered = env.storage.snapshots
+    assert isinstance(layered, LayeredSnapshotStore)
+    await layered.fast.save_snapshot(
+        Snapshot(session_id=sid, version=0, state={"n": 0}, status="active", active="b", acked={"b": [[1, 0]]})
+    )
+    actor = await env.attach(sid, FakeLink("a"))
+    assert actor.state is not None and actor.state.active == "b"
+    await trio.sleep(CONFIG.checkpoint_every_s * 1.2)
+    await settle()
+    volatile, durable = tiers(env)
+    assert volatile is None and durable is not None and durable.active == "b"
 
 
 # ---- supervision --------------------------------------------------------------------------------------

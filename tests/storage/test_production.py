@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from storage.bridge import Bridge, open_bridge
-from storage.memory import MemoryJournal
+from storage.memory import MemoryJournal, VolatileSnapshotStore
 from storage.ports import Change, Snapshot, StorageUnavailable
 from storage.postgres import PostgresBackend, PostgresJournal, migrate_url, open_postgres
 from storage.production import LayeredSnapshotStore, open_production_storage, resolve_durability
@@ -134,6 +134,47 @@ async def test_each_mode_picks_its_journal(
     config = Config(tmp_path, redis_url=redis_url, database_url=pg_url, durability="postgres")
     async with open_production_storage(config, key_prefix=redis_prefix) as storage:
         assert isinstance(unbatched(storage.journal), PostgresJournal)
+
+
+@pytest.mark.parametrize(
+    ("redis", "postgres", "durability", "fast"),
+    [
+        (False, False, None, "volatile"),  # the embedded default: memory over the SQLite file
+        (False, True, None, "volatile"),  # in-process journal, PostgreSQL snapshots
+        (False, True, "postgres", None),  # every handoff is durable: the PostgreSQL layer alone
+        (True, True, None, "redis"),
+        (True, True, "memory", "redis"),
+    ],
+)
+async def test_each_mode_picks_its_snapshot_layers(
+    tmp_path: Path,
+    redis_url: str,
+    redis_prefix: str,
+    pg_url: str,
+    redis: bool,
+    postgres: bool,
+    durability: str | None,
+    fast: str | None,
+) -> None:
+    config = Config(tmp_path, redis_url=redis_url if redis else None, database_url=pg_url if postgres else None)
+    async with open_production_storage(config, key_prefix=redis_prefix, durability=durability) as storage:
+        layered = storage.snapshots
+        assert isinstance(layered, LayeredSnapshotStore)
+        assert layered.tiered is (fast is not None)
+        assert layered.volatile is (fast == "volatile")
+        if fast == "volatile":
+            assert isinstance(layered.fast, VolatileSnapshotStore)
+            assert layered.fast.fences is unbatched(storage.journal).fences  # fenced as the journal beside it
+            s = sid()
+            await layered.save_snapshot(Snapshot(session_id=s, version=3, state={}, status="active", active="b"))
+            await layered.save_durable(Snapshot(session_id=s, version=3, state={}, status="paused", active=None))
+            loaded = await layered.load_snapshot(s)  # same version: the fast one is the newer write
+            assert loaded is not None and loaded.active == "b" and layered.holds_volatile(s)
+            layered.covered(s, 2)
+            assert layered.holds_volatile(s)  # an older durable snapshot does not cover it
+            layered.covered(s, 3)
+            assert not layered.holds_volatile(s)
+            await layered.delete_snapshots(s)
 
 
 # --- the PostgreSQL journal -----------------------------------------------------------------------
