@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from storage.bridge import Bridge, open_bridge
-from storage.memory import MemoryJournal, VolatileSnapshotStore
+from storage.memory import Fences, MemoryJournal, MemorySnapshotStore, VolatileSnapshotStore
 from storage.ports import Change, Snapshot, StorageUnavailable
 from storage.postgres import PostgresBackend, PostgresJournal, migrate_url, open_postgres
 from storage.production import LayeredSnapshotStore, open_production_storage, resolve_durability
@@ -359,7 +359,6 @@ async def test_postgres_mode_serves_through_a_redis_outage(tmp_path: Path, redis
 def test_only_a_fast_layer_that_trims_the_journal_itself_saves_the_checkpointer_its_trim() -> None:
     """Redis (durability `redis`) trims the journal in the fast snapshot's own script; with any other layering the
     checkpointer must still trim after the snapshot."""
-    from storage.memory import MemorySnapshotStore
     from storage.redis_store import RedisSnapshotStore
 
     durable = MemorySnapshotStore()
@@ -368,3 +367,32 @@ def test_only_a_fast_layer_that_trims_the_journal_itself_saves_the_checkpointer_
     assert LayeredSnapshotStore(trimming, durable).fast_trims_journal
     assert not LayeredSnapshotStore(keeping, durable).fast_trims_journal
     assert not LayeredSnapshotStore(durable, durable).fast_trims_journal
+
+
+class DownStore(MemorySnapshotStore):
+    """A durable layer whose reads fail (an outage)."""
+
+    async def load_snapshot(self, session_id: str) -> Snapshot | None:
+        raise StorageUnavailable("down")
+
+
+async def test_a_volatile_layer_is_read_first_and_the_newer_snapshot_wins() -> None:
+    fences = Fences()
+    durable = MemorySnapshotStore(fences)
+    layered = LayeredSnapshotStore(VolatileSnapshotStore(fences), durable)
+    s = sid()
+    assert await layered.load_snapshot(s) is None
+    await layered.save_durable(Snapshot(session_id=s, version=2, state={}, status="paused", active=None))
+    await layered.save_snapshot(Snapshot(session_id=s, version=1, state={}, status="active", active="old"))
+    loaded = await layered.load_snapshot(s)
+    assert loaded is not None and loaded.version == 2  # the durable one is newer
+    await layered.save_snapshot(Snapshot(session_id=s, version=2, state={}, status="active", active="b"))
+    loaded = await layered.load_snapshot(s)
+    assert loaded is not None and loaded.active == "b"  # same version: the handoff after it
+
+    # A durable outage: the volatile snapshot (the in-process journal continues from it) serves; none, it raises.
+    down = LayeredSnapshotStore(layered.fast, DownStore(fences))
+    loaded = await down.load_snapshot(s)
+    assert loaded is not None and loaded.active == "b"
+    with pytest.raises(StorageUnavailable):
+        await down.load_snapshot(sid())
