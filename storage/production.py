@@ -140,13 +140,13 @@ class LayeredSnapshotStore:
         if self.volatile:  # this process's memory: no I/O to overlap, no tasks to start (every activation reads)
             held = await self.fast.load_snapshot(session_id)
             try:
-                durable = await self.durable.load_snapshot(session_id)
+                stored = await self.durable.load_snapshot(session_id)
             except StorageUnavailable:
                 if held is None:
                     raise
                 log.warning("durable snapshot store unavailable; using the volatile layer", session=session_id)
                 return held
-            return durable if held is None or (durable is not None and durable.version > held.version) else held
+            return stored if held is None or (stored is not None and stored.version > held.version) else held
         found: dict[str, Snapshot | StorageUnavailable | None] = {}
 
         async def read(name: str, store: SnapshotStore) -> None:
