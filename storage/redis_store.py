@@ -1,5 +1,6 @@
 """Redis journal + latest snapshot (DESIGN §5 guarantee 2), redis.asyncio driven through the bridge, but for the
-group commit on a plain Redis, which writes on a trio connection of its own (storage/redis_trio.py).
+group commit on a plain Redis, which writes on a trio connection of its own, and snapshot writes and journal
+trims (every handoff), which share a second one (storage/redis_trio.py).
 
 Keys: every key of one session shares its hash tag, `{prefix}{SID}:...` (prefix default "sessiond:"), so one
 session's scripts run on one Redis Cluster node and no script or transaction ever spans sessions (DESIGN §6):
@@ -48,7 +49,7 @@ from storage.ports import (
     StorageUnavailable,
     VersionConflict,
 )
-from storage.redis_trio import TrioRedisConnection, supported
+from storage.redis_trio import TrioCommandQueue, TrioRedisConnection, supported
 
 T = TypeVar("T")
 
@@ -165,6 +166,26 @@ class RedisClient:
         self.prefix = prefix
         self.socket_timeout = socket_timeout
         self.cluster = isinstance(client, RedisCluster)
+        # Snapshots and trims on trio (plain Redis): a connection of their own, whatever is waiting sent together
+        # (`open_redis` runs the queue). Through the bridge every handoff paid two cross-thread wakeups.
+        self.side: TrioCommandQueue | None = None
+
+    async def command(self, *args: Any) -> Any:
+        """One command on the trio side connection when there is one, else on the bridge; the same outcomes as
+        `call` (StorageUnavailable for an outage, error replies mapped)."""
+        side = self.side
+        if side is None:
+            return await self.call(self.client.execute_command, *args)
+        try:
+            reply = await side.call(*args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            STORAGE_ERRORS.labels("redis", "unavailable").inc()
+            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        if isinstance(reply, ResponseError):
+            mapped = _map_error(reply)
+            STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
+            raise mapped from reply
+        return reply
 
     def key(self, session_id: str, kind: str) -> str:
         """`{prefix}{SID}:kind`: one hash tag per session (one cluster slot for all its keys)."""
@@ -350,7 +371,7 @@ class RedisJournal:
         return [decode_change(fields[b"d"]) for _id, fields in entries]
 
     async def trim(self, session_id: str, upto_version: int) -> None:
-        await self._r.call(self._r.client.xtrim, self._r.journal_key(session_id), None, False, f"{upto_version + 1}-0")
+        await self._r.command("XTRIM", self._r.journal_key(session_id), "MINID", f"{upto_version + 1}-0")
 
     async def delete(self, session_id: str) -> None:
         """The journal of an ended session, with its lease and fence (ended sessions are never owned again)."""
@@ -386,8 +407,8 @@ class RedisSnapshotStore:
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         sid = snapshot.session_id
-        await self._r.call(
-            self._r.client.eval,
+        await self._r.command(
+            "EVAL",
             _SAVE_SNAPSHOT,
             3,
             self._r.snapshot_key(sid),
@@ -478,12 +499,19 @@ async def open_redis(
     trio_conn = None if rc.cluster or not supported(url) else TrioRedisConnection(url, socket_timeout)
     journal = RedisJournal(rc, max_entries, trio_conn)
     try:
-        yield RedisBackend(
-            client=rc,
-            journal=journal,
-            snapshots=RedisSnapshotStore(rc, trim_journal=trim_journal_on_snapshot),
-            health=RedisHealth(rc),
-        )
+        async with trio.open_nursery() as tasks:
+            if trio_conn is not None:
+                side = rc.side = TrioCommandQueue(TrioRedisConnection(url, socket_timeout))
+                tasks.start_soon(side.run)
+            try:
+                yield RedisBackend(
+                    client=rc,
+                    journal=journal,
+                    snapshots=RedisSnapshotStore(rc, trim_journal=trim_journal_on_snapshot),
+                    health=RedisHealth(rc),
+                )
+            finally:
+                tasks.cancel_scope.cancel()  # the side queue's sender: its connection closes, late calls fail
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(socket_timeout + 1.0):
             await journal.aclose()

@@ -52,18 +52,20 @@ def _prefix() -> str:
 
 @pytest.fixture(params=["trio", "bridge"])
 async def redis_backend(request: pytest.FixtureRequest, bridge: Bridge) -> AsyncIterator[RedisBackend]:
-    """The backend `open_redis` makes (its group commit on a trio connection), and the same with the group commit
-    on the bridge loop (what rediss:// URLs get)."""
+    """The backend `open_redis` makes (its group commit, snapshots and trims on trio connections), and the same with
+    all of them on the bridge loop (what rediss:// URLs get)."""
     prefix = _prefix()
     async with open_redis(bridge, REDIS_URL, prefix=prefix, max_entries=50) as backend:
-        assert backend.journal._trio is not None
+        assert backend.journal._trio is not None and backend.client.side is not None
         if request.param == "trio":
             yield backend
         else:
             journal = RedisJournal(backend.client, max_entries=50)
+            side, backend.client.side = backend.client.side, None
             try:
                 yield dataclasses.replace(backend, journal=journal)
             finally:
+                backend.client.side = side
                 await journal.aclose()
         await _delete_prefix(backend.client, prefix)
 
@@ -453,6 +455,34 @@ async def test_snapshot_trims_journal_it_covers(redis_backend: RedisBackend) -> 
     assert await redis_backend.journal.length("s1") == 3
 
 
+async def test_a_stale_snapshot_writer_is_fenced(redis_backend: RedisBackend) -> None:
+    rc = redis_backend.client
+    await rc.call(rc.client.set, rc.fence_key("s1"), 5)
+    with pytest.raises(Fenced):
+        await redis_backend.snapshots.save_snapshot(Snapshot("s1", 1, {}, "active", None, epoch=4))
+    assert await redis_backend.snapshots.load_snapshot("s1") is None
+    await redis_backend.snapshots.save_snapshot(Snapshot("s1", 1, {}, "active", None, epoch=5))
+
+
+async def test_snapshots_and_trims_come_back_after_redis_drops_their_connection(redis_backend: RedisBackend) -> None:
+    """On trio they share a connection of their own: when Redis drops it, the next call reconnects once."""
+    rc, journal, snapshots = redis_backend.client, redis_backend.journal, redis_backend.snapshots
+    await journal.append("s1", changes(1, 6))
+    await snapshots.save_snapshot(Snapshot("s1", 2, {}, "active", None))
+    if rc.side is not None:
+        assert rc.side.conn._stream is not None
+        host, port = rc.side.conn._stream.socket.getsockname()[:2]
+        assert await rc.call(rc.client.client_kill_filter, None, None, f"{host}:{port}") == 1
+    await snapshots.save_snapshot(Snapshot("s1", 3, {}, "active", "b"))
+    loaded = await snapshots.load_snapshot("s1")
+    assert loaded is not None and (loaded.version, loaded.active) == (3, "b")
+    if rc.side is not None:
+        host, port = rc.side.conn._stream.socket.getsockname()[:2]  # type: ignore[union-attr]
+        assert await rc.call(rc.client.client_kill_filter, None, None, f"{host}:{port}") == 1
+    await journal.trim("s1", 4)
+    assert [c.version for c in await journal.read_after("s1", 0)] == [5, 6]
+
+
 async def test_health_ping(redis_backend: RedisBackend) -> None:
     await redis_backend.health.ping()
 
@@ -473,6 +503,10 @@ async def test_closed_port_raises_storage_unavailable_quickly(bridge: Bridge) ->
             await backend.health.ping()
         with pytest.raises(StorageUnavailable):
             await backend.snapshots.load_snapshot("s1")
+        with pytest.raises(StorageUnavailable):
+            await backend.snapshots.save_snapshot(Snapshot("s1", 1, {}, "active", None))
+        with pytest.raises(StorageUnavailable):
+            await backend.journal.trim("s1", 1)
         assert trio.current_time() - t0 < 3.0
 
 
@@ -485,6 +519,8 @@ async def test_silent_server_times_out_as_unavailable(bridge: Bridge) -> None:
         t0 = trio.current_time()
         with pytest.raises(StorageUnavailable):
             await backend.journal.append("s1", changes(1, 1))
+        with pytest.raises(StorageUnavailable):
+            await backend.snapshots.save_snapshot(Snapshot("s1", 1, {}, "active", None))
         assert trio.current_time() - t0 < 3.0
 
 
