@@ -87,6 +87,9 @@ class LayeredSnapshotStore:
         self.fast = fast
         self.durable = durable
         self.fast_optional = fast_optional and fast is not durable
+        # The fast layer is this process's memory (the embedded default): it holds a snapshot only until the
+        # durable layer has one as new (`covered`), and dies with the process. (Read on every durable checkpoint.)
+        self.volatile = fast is not durable and bool(getattr(fast, "volatile", False))
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         try:
@@ -104,12 +107,6 @@ class LayeredSnapshotStore:
     def tiered(self) -> bool:
         """Two layers: a handoff's snapshot may go to the fast one alone (DESIGN §5.2)."""
         return self.fast is not self.durable
-
-    @property
-    def volatile(self) -> bool:
-        """The fast layer is this process's memory (the embedded default): it holds a snapshot only until the
-        durable layer has one as new (`covered`), and dies with the process."""
-        return self.tiered and bool(getattr(self.fast, "volatile", False))
 
     def covered(self, session_id: str, version: int) -> None:
         """A durable snapshot at `version` is stored, taken after any fast one: a volatile fast layer lets its
