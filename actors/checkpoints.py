@@ -1,18 +1,24 @@
 """When and how one session actor writes its snapshots (DESIGN §5 guarantee 2).
 
-Two tiers: a fast snapshot (Redis, with a tiered store) every N versions and on every handoff, and a durable
-one (PostgreSQL, else the SQLite file) every M versions or T seconds when changed, on pause, passivation,
-shutdown and moves. Periodic ones are written by a background task while the actor goes on serving (a slow
-database must not stall acks), at most one in flight; the others are awaited. Every write carries the actor's
-fencing token: a write refused as `Fenced` means another pod owns the session now.
+Two tiers: a fast snapshot (Redis; without Redis, this process's memory) on every handoff and, with Redis, every N
+versions; and a durable one (PostgreSQL, else the SQLite file) every M versions or T seconds when changed, on
+pause, passivation, shutdown and moves. Periodic ones, and a pause's durable one, are written by a background task
+while the actor goes on serving (a slow database must not stall acks), at most one in flight; the others are
+awaited. Every write carries the actor's fencing token: a write refused as `Fenced` means another pod owns the
+session now.
 
-Without Redis, the fast tier is this process's memory (durability `memory`): a claim's snapshot is then as safe as
-the in-process journal beside it, at no thread hop. A handoff snapshot that went to the fast tier alone leaves the
-durable tier behind at the same version: the next periodic checkpoint catches it up (`behind`), as it does changes.
+A claim's ack waits for its snapshot in the fast tier only (issue 9: what must be synchronous is the journal;
+snapshots can follow); with durability `postgres`, or a single tier, in the durable tier. A pause's ack waits for
+the durable tier (DESIGN §5), but without Redis (durability `memory`): there the fast tier is memory beside the
+in-process journal, which no ack waits beyond, so a pause is acked from it (an actor crash restores it, at no thread
+hop) and the same snapshot is written durably at once in the background. A snapshot that went to the fast tier
+alone leaves the durable tier behind at the same version (`_behind`): the next periodic checkpoint catches it up,
+as it does changes.
 
 An awaited handoff checkpoint does only what its ack needs: the snapshot (and with it the session record, in one
 write where the store allows, `save_durable_checkpoint`). Trimming the journal the snapshot covers is
-housekeeping that no ack waits for: it follows in the background.
+housekeeping that no ack waits for: it follows in the background (but for the in-process journal's, a list
+operation with no I/O, done inline rather than in a task of its own).
 """
 
 from __future__ import annotations
@@ -39,9 +45,12 @@ class Checkpointer:
     __slots__ = (
         "_behind",
         "_busy",
+        "_busy_durable",
         "_fast_version",
         "_on_fenced",
+        "_queued",
         "config",
+        "inline_trim",
         "last_checkpoint_at",
         "last_clock",
         "period_s",
@@ -66,12 +75,15 @@ class Checkpointer:
         self._fast_version = 0
         # Snapshots written to the fast tier alone since the durable tier last caught up.
         self._behind = 0
+        self.inline_trim = bool(getattr(getattr(storage, "journal", None), "in_process", False))
         snapshots = getattr(storage, "snapshots", None)  # (None: a test's actor without storage)
         self.tiered = bool(getattr(snapshots, "tiered", False))  # a fast tier to write handoffs to
         self.volatile = bool(getattr(snapshots, "volatile", False))  # ... in this process's memory
         # Each actor's own period (±10 %): sessions started together must not all checkpoint in the same instant.
         self.period_s = config.checkpoint_every_s * random.uniform(0.9, 1.1)
         self._busy: trio.Event | None = None  # set while a background checkpoint is being written
+        self._busy_durable = False  # ... to the durable tier
+        self._queued: str | None = None  # the reason of a durable checkpoint to write once that one is done
         self.tasks: trio.Nursery | None = None  # where background writes run (the actor's serving nursery)
 
     @property
@@ -108,34 +120,61 @@ class Checkpointer:
         force: bool = False,
         raise_errors: bool = False,
         trim_later: bool = False,
-    ) -> None:
-        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown.
+    ) -> tuple[Snapshot, SessionRecord] | None:
+        """Checkpoint now, awaited: handoff (its frame must not go out first), passivation, shutdown. Returns the
+        snapshot and record it wrote (None: nothing to write).
 
         `trim_later`: the journal trim runs in the background (a handoff: the ack waits for the snapshot only);
         a final checkpoint (passivation, shutdown) trims before returning, the serving nursery is about to go."""
-        if self._busy is not None:
-            await self._busy.wait()  # never two writes of one session at once
+        while self._busy is not None and (durable or not self._busy_durable):
+            # Never two writes to one tier at once (an older snapshot must not land last). A fast one may pass a
+            # background durable write: the fast tier is another store, and `_behind` keeps the count right.
+            await self._busy.wait()
         taken = self._take(state, durable, force)
-        if taken is not None:
-            await self._write(
-                state, *taken, durable=durable, reason=reason, raise_errors=raise_errors, trim_later=trim_later
-            )
-
-    def soon(self, state: SessionState, reason: str, *, durable: bool = True) -> None:
-        """Take the snapshot now and write it in the background (periodic checkpoints)."""
-        if self._busy is not None or self.tasks is None:
-            return
-        taken = self._take(state, durable, force=False)
         if taken is None:
+            return None
+        await self._write(
+            state, *taken, durable=durable, reason=reason, raise_errors=raise_errors, trim_later=trim_later
+        )
+        return taken[0], taken[1]
+
+    def soon(
+        self,
+        state: SessionState,
+        reason: str,
+        *,
+        durable: bool = True,
+        queue: bool = False,
+        taken: tuple[Snapshot, SessionRecord] | None = None,
+    ) -> None:
+        """Take the snapshot now (or write `taken`, one of this very state) and write it in the background
+        (periodic checkpoints, a pause's durable one). With a write in flight it is skipped, or with `queue` taken
+        and written once that one is done."""
+        if self.tasks is None:
             return
+        if self._busy is not None:
+            if queue:
+                self._queued = reason
+            return
+        if taken is None or not durable:
+            this = self._take(state, durable, force=False)
+            if this is None:
+                return
+        else:
+            self.last_clock = trio.current_time()
+            this = (*taken, self._behind)
         done = self._busy = trio.Event()
+        self._busy_durable = durable
 
         async def write() -> None:
             try:
-                await self._write(state, *taken, durable=durable, reason=reason, raise_errors=False)
+                await self._write(state, *this, durable=durable, reason=reason, raise_errors=False)
             finally:
                 self._busy = None
                 done.set()
+                queued, self._queued = self._queued, None
+                if queued is not None:
+                    self.soon(state, queued)
 
         self.tasks.start_soon(write)
 
@@ -160,6 +199,7 @@ class Checkpointer:
         """The serving nursery is gone (its background write with it)."""
         self.tasks = None
         self._busy = None
+        self._queued = None
 
     def _take(self, state: SessionState, durable: bool, force: bool) -> tuple[Snapshot, SessionRecord, int] | None:
         """The snapshot and record, and (durable) how many fast-only handoffs they cover."""
@@ -184,7 +224,8 @@ class Checkpointer:
         """Snapshot (durable tier, or the fast Redis tier), then trim the journal it covers."""
         started = time.perf_counter()
         storage = self.storage
-        tasks = self.tasks if trim_later else None
+        # A trim waits in a task of its own, unless the journal is this process's memory (no I/O to wait for).
+        tasks = self.tasks if trim_later and not self.inline_trim else None
         trim = durable or not getattr(storage.snapshots, "fast_trims_journal", False)
         try:
             with trio.fail_after(self.config.storage_timeout_s):

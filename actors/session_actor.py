@@ -624,14 +624,20 @@ class SessionActor:
             self.changes += len(changes)
         state = self.state
         assert state is not None
+        checkpoints = self.checkpoints
         for effect in syncs:
             if effect.sync:
-                # The fast tier (Redis, or memory without it) on every handoff; the durable tier on pause
-                # (DESIGN §5), when the mode asks for it (postgres), or when it is the only tier.
-                durable = effect.reason == "pause" or self.config.durable_handoffs or not self.checkpoints.tiered
-                await self.checkpoints.now(
+                # A claim waits for the fast tier (Redis, or memory beside the in-process journal), unless the mode
+                # wants it durable (postgres) or there is one tier. A pause waits for the durable tier (DESIGN §5),
+                # but with the in-process journal: its acks wait for no database, so neither does a pause, and the
+                # pause's durable snapshot (the same one) is written in the background at once.
+                pause = effect.reason == "pause"
+                durable = self.config.durable_handoffs or not checkpoints.tiered or (pause and not checkpoints.volatile)
+                taken = await checkpoints.now(
                     state, effect.reason, durable=durable, force=True, raise_errors=True, trim_later=True
                 )
+                if pause and not durable:
+                    checkpoints.soon(state, "pause", queue=True, taken=taken)
         if ending:
             await self._end_storage()
         return ending

@@ -237,6 +237,8 @@ class MemoryJournal:
                 changes.append(Change(v, device, op_id, ops, size))
         return changes
 
+    in_process = True  # no I/O: a checkpoint trims inline rather than in a task of its own
+
     async def trim(self, session_id: str, upto_version: int) -> None:
         held = self._held.get(session_id)
         if held is None:

@@ -304,9 +304,10 @@ class TieredSnapshots(MemorySnapshotStore):
     PostgreSQL or the SQLite file), with a log of (tier, status, active) of every write in order. `tiered=False`:
     one tier only (the durable one, and every write goes there)."""
 
-    def __init__(self, fences: Fences, tiered: bool = True) -> None:
+    def __init__(self, fences: Fences, tiered: bool = True, volatile: bool = False) -> None:
         super().__init__(fences)
         self.tiered = tiered
+        self.volatile = volatile
         self.durable = MemorySnapshotStore(fences)
         self.log: list[tuple[str, str, str | None]] = []
 
@@ -334,22 +335,27 @@ def written_before_ack(link: FakeLink, log: list[Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    ("tiered", "overrides", "claim_tier"),
+    ("tiered", "volatile", "overrides", "pause_tier", "claim_tier"),
     [
-        (False, {}, "durable"),  # one tier only: the durable one
-        (True, {}, "fast"),  # embedded: a volatile tier in memory over the SQLite file
-        (True, {"fast_snapshot_every_versions": 100}, "fast"),  # Redis: a snapshot on every handoff
-        (True, {"fast_snapshot_every_versions": 100, "durable_handoffs": True}, "durable"),  # durability=postgres
+        (False, False, {}, "durable", "durable"),  # one tier only: the durable one
+        (True, True, {}, "fast", "fast"),  # embedded: a volatile tier in memory (beside the in-process journal)
+        (True, False, {"fast_snapshot_every_versions": 100}, "durable", "fast"),  # Redis
+        (True, False, {"fast_snapshot_every_versions": 100, "durable_handoffs": True}, "durable", "durable"),  # pg
     ],
 )
-async def test_pause_is_durable_before_its_ack_and_the_claim_goes_where_the_mode_says(
-    nursery: trio.Nursery, tiered: bool, overrides: dict[str, Any], claim_tier: str
+async def test_a_handoff_is_acked_from_the_tier_its_mode_names_and_a_pause_then_becomes_durable(
+    nursery: trio.Nursery,
+    tiered: bool,
+    volatile: bool,
+    overrides: dict[str, Any],
+    pause_tier: str,
+    claim_tier: str,
 ) -> None:
     config = replace(CONFIG, **overrides)
     fences = Fences()
     journal = CountingJournal()
     journal.inner = MemoryJournal(fences)
-    snapshots = TieredSnapshots(fences, tiered)
+    snapshots = TieredSnapshots(fences, tiered, volatile)
     storage = Storage(MemorySessionStore(fences), snapshots, journal, MemoryEventSink())
     registry = make_registry(storage, config)
     await nursery.start(registry.run)
@@ -364,13 +370,80 @@ async def test_pause_is_durable_before_its_ack_and_the_claim_goes_where_the_mode
     actor.tell(PauseRequest(a, 1))
     await settle()
     assert a.of("ack") == [{"t": "ack", "id": 1, "version": 0}]
-    assert at_pause_ack == [("durable", "paused", None)]
+    assert at_pause_ack == [(pause_tier, "paused", None)]
+    paused = [(pause_tier, "paused", None)]
+    if pause_tier == "fast":
+        paused.append(("durable", "paused", None))  # at once, not a checkpoint period later
+    assert snapshots.log == paused
 
     at_claim_ack = written_before_ack(b, snapshots.log)
     actor.tell(ClaimRequest(b, 1))
     await settle()
     assert b.of("ack") == [{"t": "ack", "id": 1, "version": 0}]
-    assert at_claim_ack == [("durable", "paused", None), (claim_tier, "active", "b")]
+    assert at_claim_ack == [*paused, (claim_tier, "active", "b")]
+
+
+async def test_a_pause_while_a_durable_checkpoint_is_in_flight_is_written_durably_after_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The pause's ack does not wait for the durable write in flight, and its own durable write follows that one
+    rather than a checkpoint period later."""
+    env = await start_volatile_env(nursery, replace(CONFIG, checkpoint_every_s=3600.0))
+    layered = env.storage.snapshots
+    assert isinstance(layered, LayeredSnapshotStore)
+    durable = layered.durable
+    release = trio.Event()
+    save = durable.save_snapshot
+
+    async def slow_save(snapshot: Snapshot) -> None:
+        await release.wait()
+        await save(snapshot)
+
+    sid = await env.session({"n": 0})
+    a = FakeLink("a")
+    actor = await env.attach(sid, a)
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    await settle()
+    durable.save_snapshot = slow_save  # type: ignore[method-assign]
+    actor.checkpoints.soon(actor.state, "timer")  # type: ignore[arg-type]  # a periodic one, now in flight
+    actor.tell(PauseRequest(a, 2))
+    await settle()
+    assert a.of("ack")[-1] == {"t": "ack", "id": 2, "version": 1}  # not held by the durable write
+    _, stored = tiers(env)
+    assert stored is not None and stored.status == "active"  # the periodic one has not landed yet
+    release.set()
+    await settle()
+    volatile, stored = tiers(env)
+    assert stored is not None and (stored.version, stored.status) == (1, "paused")
+    assert volatile is None  # the durable tier caught up: the volatile copy is let go
+
+
+async def test_an_in_process_journal_is_trimmed_inline_by_the_pause(nursery: trio.Nursery) -> None:
+    """No I/O to wait for, so no task of its own: the journal is trimmed when the pause's ack leaves."""
+    fences = Fences()
+    journal = MemoryJournal(fences)
+    storage = Storage(MemorySessionStore(fences), MemorySnapshotStore(fences), journal, MemoryEventSink())
+    registry = make_registry(storage, CONFIG)
+    await nursery.start(registry.run)
+    sid = (await registry.create_session("alice", "demo", {}, {"n": 0})).id
+    a = FakeLink("a")
+    actor = await registry.tell(sid, Attach(a, "web", None))
+    await settle()
+    actor.tell(ChangeRequest(a, 1, inc(), None))
+    await settle()
+    held_at_ack: list[int] = []
+    deliver = a.deliver
+
+    def watch(out: Any) -> None:
+        if out.frame.get("t") == "ack" and out.frame.get("id") == 2:
+            held_at_ack.append(journal.session_bytes(sid))
+        deliver(out)
+
+    a.deliver = watch  # type: ignore[method-assign]
+    assert journal.session_bytes(sid) > 0
+    actor.tell(PauseRequest(a, 2))
+    await settle()
+    assert held_at_ack == [0]
 
 
 async def start_volatile_env(nursery: trio.Nursery, config: ActorConfig = CONFIG) -> Env:
