@@ -434,3 +434,60 @@ async def test_a_durability_switch_that_would_hide_acked_changes_is_refused(
             assert (await http.get(f"/v1/sessions/{sid}")).json()["state"] == {"n": 3}
     finally:
         switched.stop()
+
+
+async def _record_until(h: Any, sid: str, status: str, active: str | None, timeout: float) -> None:
+    """Poll the session record in the durable store (the SQLite file) until it shows `status` and `active`."""
+    with trio.fail_after(timeout):
+        while True:
+            record = await h.running.storage.sessions.get_session(sid)
+            if record is not None and (record.status, record.active) == (status, active):
+                return
+            await trio.sleep(0.02)
+
+
+async def test_embedded_handoffs_are_acked_from_memory_and_reach_the_sqlite_file(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The embedded default (no service): a pause and a claim are acked once their snapshot is in memory beside the
+    in-process journal; the pause reaches the SQLite file at once, the claim within a checkpoint period, and the
+    memory copy is then let go."""
+    h = await start_server(nursery, tmp_path, checkpoint_every_s=0.3)
+    snapshots = h.running.storage.snapshots
+    assert getattr(snapshots, "volatile", False)  # the real assembly has the volatile layer
+    sid = await h.create_session()
+    async with raw_device(h, sid, "a") as a, raw_device(h, sid, "b") as b:
+        await a.send({"t": "op", "id": 1, "ops": [{"op": "inc", "path": "/n"}]})
+        assert (await a.recv_type("ack"))["version"] == 1
+        await a.send({"t": "pause", "id": 2})
+        assert (await a.recv_type("ack"))["id"] == 2
+        await _record_until(h, sid, "paused", None, timeout=5)
+        await b.send({"t": "claim", "id": 1})
+        assert (await b.recv_type("ack"))["id"] == 1
+        await _record_until(h, sid, "active", "b", timeout=5)
+        with trio.fail_after(5):
+            while snapshots.holds_volatile(sid):  # type: ignore[attr-defined]
+                await trio.sleep(0.02)
+    h.running.stop()
+
+
+async def test_an_embedded_claim_survives_an_actor_crash_before_it_is_durable(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    h = await start_server(nursery, tmp_path, checkpoint_every_s=3600)
+    sid = await h.create_session()
+    async with raw_device(h, sid, "a") as a, raw_device(h, sid, "b") as b:
+        await b.send({"t": "claim", "id": 1})
+        assert (await b.recv_type("ack"))["id"] == 1
+        record = await h.running.storage.sessions.get_session(sid)
+        assert record is not None and record.active != "b"  # not in the SQLite file yet
+        actor = h.running.registry.lookup(sid)
+        assert actor is not None
+        actor.tell(Crash())
+        await a.recv_type("welcome", timeout=10)  # the restart's resync
+        await b.send({"t": "claim", "id": 1})  # a retransmission: answered, not applied again
+        assert (await b.recv_type("ack"))["id"] == 1
+    async with h.rest() as http:
+        r = await http.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 200 and r.json()["active"] == "b"
+    h.running.stop()
