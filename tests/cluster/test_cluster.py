@@ -54,16 +54,21 @@ async def converge(pods: Pods, timeout_s: float = 10.0) -> dict[str, Any]:
     live = pods.live()
     names = sorted(p.name for p in live)
     view: dict[str, Any] = {}
-    with trio.fail_after(timeout_s):
-        while True:
-            seen = []
-            for pod in live:
-                async with rest(pod, ADMIN) as http:
-                    view = (await http.get("/v1/admin/actors")).json()
-                seen.append(view["members"])
-            if all(s == names for s in seen):
-                return view
-            await trio.sleep(0.1)
+    seen: list[Any] = []
+    try:
+        with trio.fail_after(timeout_s):
+            while True:
+                seen = []
+                for pod in live:
+                    async with rest(pod, ADMIN) as http:
+                        view = (await http.get("/v1/admin/actors")).json()
+                    seen.append(view["members"])
+                if all(s == names for s in seen):
+                    return view
+                await trio.sleep(0.1)
+    except trio.TooSlowError:
+        # Say what each pod saw (its log is in the test's folder): "timed out" alone cannot be diagnosed.
+        raise AssertionError(f"members not converged in {timeout_s} s: want {names}, pods saw {seen}") from None
 
 
 async def state_of(pod: Pod, sid: str) -> dict[str, Any]:
