@@ -312,7 +312,7 @@ class SessionActor:
             return self._dormant_bytes
         total = self.state_bytes
         if self.state is not None:
-            total += self.checkpoints.held_bytes(self.state)  # a claim's snapshot in a volatile fast tier
+            total += self.checkpoints.held_bytes(self.state)  # a handoff's snapshot in a volatile fast tier
         for link in self.links.values():  # a loop, not sum(generator): this runs for every actor every second
             total += link.queued_bytes
         return total

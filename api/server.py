@@ -81,7 +81,7 @@ async def open_storage(settings: Settings) -> AsyncIterator[Storage]:
     # busy; the default 5 ms switch interval would add up to 5 ms to every storage round trip under load.
     sys.setswitchinterval(min(sys.getswitchinterval(), STORAGE_SWITCH_INTERVAL_S))
     # Without any service this is the SQLite file, the in-process journal and a snapshot layer in memory over the
-    # file (a claim's snapshot, DESIGN §5.2): storage.production assembles that too, one path for every mode.
+    # file (a handoff's snapshot, DESIGN §5.2): storage.production assembles that too, one path for every mode.
     from storage.production import open_production_storage
 
     async with open_production_storage(settings, key_prefix=settings.redis_prefix) as storage:

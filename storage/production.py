@@ -178,7 +178,7 @@ class LayeredSnapshotStore:
 
 def _memory_layered(durable: SnapshotStore, journal: Journal, mode: str) -> LayeredSnapshotStore:
     """Without Redis: with the in-process journal (durability `memory`), a volatile fast layer in this process's
-    memory over the durable one, so a claim's snapshot is as safe as the journal beside it without a trip to the
+    memory over the durable one, so a handoff's snapshot is as safe as the journal beside it without a trip to the
     durable store; otherwise (`postgres`: every handoff is durable) the durable layer alone."""
     if mode == "memory" and isinstance(journal, MemoryJournal):
         return LayeredSnapshotStore(VolatileSnapshotStore(journal.fences), durable)
