@@ -143,6 +143,12 @@ def _map_error(exc: Exception) -> Exception:
     return exc
 
 
+def _unavailable(exc: Exception) -> StorageUnavailable:
+    """A Redis outage (no connection, no reply in time), counted, as the ports raise it."""
+    STORAGE_ERRORS.labels("redis", "unavailable").inc()
+    return StorageUnavailable(f"redis: {type(exc).__name__}: {exc}")
+
+
 async def _await(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return await fn(*args)
 
@@ -179,8 +185,7 @@ class RedisClient:
         try:
             reply = await side.call(*args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            STORAGE_ERRORS.labels("redis", "unavailable").inc()
-            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
         if isinstance(reply, ResponseError):
             mapped = _map_error(reply)
             STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
@@ -206,8 +211,7 @@ class RedisClient:
             return await self.bridge.run(_await, fn, *args)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError, ClusterError,
                 RedisClusterException) as exc:
-            STORAGE_ERRORS.labels("redis", "unavailable").inc()
-            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
         except ResponseError as exc:
             mapped = _map_error(exc)
             STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
@@ -341,27 +345,15 @@ class RedisJournal:
         raise JournalRefused(errors)
 
     async def _trio_exchange(self, commands: list[list[Any]]) -> list[Any]:
-        """The group commit on the trio connection, outages mapped as `RedisClient.call` maps them.
-
-        One retry when a connection that sat idle turns out dead (Redis restarted, a proxy or CLIENT KILL dropped
-        it); appends are idempotent, so a batch that did land is accepted again unchanged. A fresh connection that
-        fails, or a timeout, is not retried: Redis is down or hung, and the caller's time is spent.
-        """
+        """The group commit on the trio connection (appends are idempotent: `exchange_idempotent` may retry),
+        outages mapped as `RedisClient.call` maps them."""
         conn = self._trio
         assert conn is not None
         self._trio_busy = True
         try:
-            idle = conn.connected
-            try:
-                return await conn.exchange(commands)
-            except RedisConnectionError:
-                if not idle:
-                    raise
-            await trio.sleep(0.01)
-            return await conn.exchange(commands)
+            return await conn.exchange_idempotent(commands)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            STORAGE_ERRORS.labels("redis", "unavailable").inc()
-            raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
         finally:
             self._trio_busy = False
 

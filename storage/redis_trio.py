@@ -89,6 +89,19 @@ class TrioRedisConnection:
                 raise RedisConnectionError(f"{type(exc).__name__}: {exc}") from exc
             raise  # redis-py's ConnectionError family as is; Cancelled; bugs
 
+    async def exchange_idempotent(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """`exchange`, with one retry when a connection that sat idle turns out dead (Redis restarted, a proxy or
+        CLIENT KILL dropped it): for commands that may land twice (appends by version, snapshots, trims). A fresh
+        connection that fails, or a timeout, is not retried: Redis is down or hung, and the caller's time is spent."""
+        idle = self.connected
+        try:
+            return await self.exchange(commands)
+        except RedisConnectionError:
+            if not idle:
+                raise
+        await trio.sleep(0.01)
+        return await self.exchange(commands)
+
     async def _connect(self) -> None:
         if self._path is not None:
             stream = await trio.open_unix_socket(self._path)
@@ -139,8 +152,8 @@ class TrioCommandQueue:
     pass each: under a handoff load, 2.5x the latency of the bridge's pool).
 
     `run()` (in a nursery) is the only sender. Once it has stopped, calls fail with `RedisConnectionError`.
-    A failed exchange fails its whole batch, with one retry first for a connection that died while idle: callers
-    send idempotent commands only (snapshot writes, journal trims).
+    A failed exchange fails its whole batch, after `exchange_idempotent`'s one retry: callers send idempotent
+    commands only (snapshot writes, journal trims).
     """
 
     def __init__(self, conn: TrioRedisConnection) -> None:
@@ -168,7 +181,7 @@ class TrioCommandQueue:
                 self._wake = trio.Event()
                 batch, self._queue = self._queue, []
                 try:
-                    replies = await self._exchange([slot.command for slot in batch])
+                    replies = await self.conn.exchange_idempotent([slot.command for slot in batch])
                 except Exception as exc:
                     for slot in batch:
                         slot.error = exc
@@ -187,13 +200,3 @@ class TrioCommandQueue:
                 slot.error = RedisConnectionError("the Redis command queue is closed")
                 slot.done.set()
             self._queue = []
-
-    async def _exchange(self, commands: list[Sequence[Any]]) -> list[Any]:
-        idle = self.conn.connected
-        try:
-            return await self.conn.exchange(commands)
-        except RedisConnectionError:
-            if not idle:
-                raise
-        await trio.sleep(0.01)
-        return await self.conn.exchange(commands)

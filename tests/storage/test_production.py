@@ -102,17 +102,18 @@ def unbatched(journal: object) -> object:
 
 
 @pytest.mark.parametrize(
-    ("redis", "postgres", "durability", "journal"),
+    ("redis", "postgres", "durability", "journal", "fast"),
     [
-        (True, True, None, RedisJournal),
-        (True, True, "redis", RedisJournal),
-        (True, True, "postgres", PostgresJournal),
-        (False, True, "postgres", PostgresJournal),
-        (True, True, "memory", MemoryJournal),
-        (False, True, None, MemoryJournal),
+        (True, True, None, RedisJournal, "redis"),
+        (True, True, "redis", RedisJournal, "redis"),
+        (True, True, "postgres", PostgresJournal, "redis"),
+        (False, True, "postgres", PostgresJournal, None),  # every handoff is durable: the PostgreSQL layer alone
+        (True, True, "memory", MemoryJournal, "redis"),
+        (False, True, None, MemoryJournal, "volatile"),  # in-process journal, PostgreSQL snapshots
+        (False, False, None, MemoryJournal, "volatile"),  # the embedded default: memory over the SQLite file
     ],
 )
-async def test_each_mode_picks_its_journal(
+async def test_each_mode_picks_its_journal_and_snapshot_layers(
     tmp_path: Path,
     redis_url: str,
     redis_prefix: str,
@@ -121,6 +122,7 @@ async def test_each_mode_picks_its_journal(
     postgres: bool,
     durability: str | None,
     journal: type,
+    fast: str | None,
 ) -> None:
     config = Config(tmp_path, redis_url=redis_url if redis else None, database_url=pg_url if postgres else None)
     async with open_production_storage(config, key_prefix=redis_prefix, durability=durability) as storage:
@@ -130,34 +132,6 @@ async def test_each_mode_picks_its_journal(
         assert await storage.journal.read_after(s, 1) == changes(2, 2)
         for probe in storage.health:
             await probe.ping()
-    # The field on the settings object is read as well.
-    config = Config(tmp_path, redis_url=redis_url, database_url=pg_url, durability="postgres")
-    async with open_production_storage(config, key_prefix=redis_prefix) as storage:
-        assert isinstance(unbatched(storage.journal), PostgresJournal)
-
-
-@pytest.mark.parametrize(
-    ("redis", "postgres", "durability", "fast"),
-    [
-        (False, False, None, "volatile"),  # the embedded default: memory over the SQLite file
-        (False, True, None, "volatile"),  # in-process journal, PostgreSQL snapshots
-        (False, True, "postgres", None),  # every handoff is durable: the PostgreSQL layer alone
-        (True, True, None, "redis"),
-        (True, True, "memory", "redis"),
-    ],
-)
-async def test_each_mode_picks_its_snapshot_layers(
-    tmp_path: Path,
-    redis_url: str,
-    redis_prefix: str,
-    pg_url: str,
-    redis: bool,
-    postgres: bool,
-    durability: str | None,
-    fast: str | None,
-) -> None:
-    config = Config(tmp_path, redis_url=redis_url if redis else None, database_url=pg_url if postgres else None)
-    async with open_production_storage(config, key_prefix=redis_prefix, durability=durability) as storage:
         layered = storage.snapshots
         assert isinstance(layered, LayeredSnapshotStore)
         assert layered.tiered is (fast is not None)
@@ -175,6 +149,10 @@ async def test_each_mode_picks_its_snapshot_layers(
             layered.covered(s, 3)
             assert not layered.holds_volatile(s)
             await layered.delete_snapshots(s)
+    # The field on the settings object is read as well.
+    config = Config(tmp_path, redis_url=redis_url, database_url=pg_url, durability="postgres")
+    async with open_production_storage(config, key_prefix=redis_prefix) as storage:
+        assert isinstance(unbatched(storage.journal), PostgresJournal)
 
 
 # --- the PostgreSQL journal -----------------------------------------------------------------------
