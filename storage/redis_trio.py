@@ -5,12 +5,12 @@ Why: with durability=redis every ack waits for the group commit, hundreds of flu
 each cost 230-320 µs of CPU, most of it two cross-thread wakeups, the asyncio loop's iterations and GIL handoffs,
 not Redis. Here the flush is one `send_all` and a few `receive_some` on the trio thread.
 
-Only what the group commit needs: connect (TCP or unix socket), the handshake the URL asks for (AUTH, SELECT), and
+Only what these callers need: connect (TCP or unix socket), the handshake the URL asks for (AUTH, SELECT), and
 pipelined exchanges. No hand-written protocol: redis-py's own packer (`HiredisRespSerializer`, what its connections
 use when hiredis is installed) encodes, hiredis' sans-I/O `Reader` (redis-py's accelerator) parses, and redis-py's
 `parse_url` and `BaseParser.parse_error` read the URL and turn error replies into the exception types redis.asyncio
-raises. The snapshot writes and journal trims of every handoff share a second such connection, one command at a
-time (`RedisClient.command`). Everything else (reads, leases, TLS, Redis Cluster) stays on redis.asyncio through
+raises. The snapshot writes and journal trims of every handoff share a second such connection through a
+`TrioCommandQueue` (`RedisClient.command`): what waits during an exchange goes in the next one. Everything else (reads, leases, TLS, Redis Cluster) stays on redis.asyncio through
 the bridge.
 """
 
