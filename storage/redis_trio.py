@@ -10,8 +10,8 @@ pipelined exchanges. No hand-written protocol: redis-py's own packer (`HiredisRe
 use when hiredis is installed) encodes, hiredis' sans-I/O `Reader` (redis-py's accelerator) parses, and redis-py's
 `parse_url` and `BaseParser.parse_error` read the URL and turn error replies into the exception types redis.asyncio
 raises. The snapshot writes and journal trims of every handoff share a second such connection through a
-`TrioCommandQueue` (`RedisClient.command`): what waits during an exchange goes in the next one. Everything else (reads, leases, TLS, Redis Cluster) stays on redis.asyncio through
-the bridge.
+`TrioCommandQueue` (`RedisClient.command`): what waits during an exchange goes in the next one. Everything else
+(reads, leases, TLS, Redis Cluster) stays on redis.asyncio through the bridge.
 """
 
 from __future__ import annotations
