@@ -495,6 +495,8 @@ async def open_redis(
             if trio_conn is not None:
                 side = rc.side = TrioCommandQueue(TrioRedisConnection(url, socket_timeout))
                 tasks.start_soon(side.run)
+                tasks.start_soon(trio_conn.watch)  # the group commit's exchanges: no cancel scope each
+                tasks.start_soon(side.conn.watch)
             try:
                 yield RedisBackend(
                     client=rc,

@@ -90,3 +90,56 @@ async def test_a_call_waiting_when_the_queue_stops_fails_rather_than_hangs() -> 
                 sender.start_soon(queue.run)
                 sender.cancel_scope.cancel()  # stops before its first pass
     assert len(failed) == 1
+
+
+async def _silent_server(nursery: trio.Nursery, *, read: bool) -> int:
+    """A loopback 'Redis' that accepts and never answers (reading its input, or not even that)."""
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            if read:
+                async for _ in stream:
+                    pass
+            else:
+                await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["watchdog", "cancel-scope"])
+@pytest.mark.parametrize("big", [False, True], ids=["no-reply", "no-read"])
+async def test_an_exchange_with_no_answer_times_out(nursery: trio.Nursery, watched: bool, big: bool) -> None:
+    """A hung Redis: the reply never comes, or (big) the request never leaves our buffers. Either way the
+    exchange ends near its timeout with redis-py's TimeoutError and the connection closed, with `watch()`
+    bounding it or a cancel scope of its own."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    port = await _silent_server(nursery, read=not big)
+    conn = TrioRedisConnection(f"redis://127.0.0.1:{port}/0", 0.3)
+    if watched:
+        nursery.start_soon(conn.watch)
+        await trio.testing.wait_all_tasks_blocked()
+    command = ["SET", "k", b"x" * (32 << 20)] if big else ["PING"]
+    started = trio.current_time()
+    with trio.fail_after(5), pytest.raises(RedisTimeoutError):
+        await conn.exchange([command])
+    took = trio.current_time() - started
+    assert 0.3 <= took < 2.0, took
+    assert not conn.connected
+
+
+async def test_partial_writes_and_reads_carry_a_large_value_whole(nursery: trio.Nursery) -> None:
+    """A request and a reply many socket buffers long: the writes that the kernel takes in parts and the reads
+    that arrive in chunks make one exchange, and the connection stays in step for the next."""
+    conn = TrioRedisConnection(REDIS_URL, 5.0)
+    nursery.start_soon(conn.watch)
+    key = f"sessiond-test-{uuid.uuid4().hex[:10]}:big"
+    value = bytes(range(256)) * (24 << 12)  # 24 MiB
+    try:
+        assert await conn.exchange([["SET", key, value], ["GET", key], ["STRLEN", key]]) == [b"OK", value, len(value)]
+        assert await conn.exchange([["PING"]]) == [b"PONG"]
+    finally:
+        await conn.exchange([["DEL", key]])
+        conn.close()
