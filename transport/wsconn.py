@@ -191,6 +191,7 @@ class OwnWebSocket:
         self._reading = True
         try:
             waited = True
+            drained = False  # the last read took less than it asked for: the kernel had no more
             while True:
                 while events:
                     event = events.pop(0)
@@ -203,10 +204,13 @@ class OwnWebSocket:
                         self._control(event)  # type: ignore[arg-type]
                 if self.closed is not None and self._peer_closed_seen():
                     return
-                try:
-                    data = stream.read_nowait(RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                if drained:
+                    data = None  # a read now would almost always find nothing: a syscall saved per message
+                else:
+                    try:
+                        data = stream.read_nowait(RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
                 if data is None:
                     try:
                         await stream.wait_readable()
@@ -214,6 +218,7 @@ class OwnWebSocket:
                         self._lost()
                         return
                     waited = True
+                    drained = False
                     continue
                 if not data:
                     self._lost()
@@ -221,6 +226,7 @@ class OwnWebSocket:
                 if not waited:
                     await trio.lowlevel.checkpoint()  # a peer that keeps us busy still lets everyone else run
                 waited = False
+                drained = len(data) < RECEIVE_BYTES
                 self.feed(data)
         finally:
             self._reading = False
