@@ -70,6 +70,7 @@ def ws_config(settings: Settings) -> WsConfig:
         send_queue_frames=settings.send_queue_frames,
         send_queue_bytes=settings.send_queue_bytes,
         fast_path=settings.ws_fast_path,
+        read_hub=settings.ws_read_hub,
         max_connections_per_user=settings.max_connections_per_user,
     )
 

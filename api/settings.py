@@ -74,6 +74,7 @@ class Settings:
     send_queue_frames: int = 1024
     send_queue_bytes: int = 8 << 20
     ws_fast_path: bool = True  # write frames straight to plain-TCP sockets (issue 9); 0 keeps trio-websocket's path
+    ws_read_hub: bool = True  # fast path: one task reads every socket; 0: a reader task per connection
     mailbox_size: int = 4096
     replay_window: int = 1000
     passivate_after_s: float = 300.0

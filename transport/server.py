@@ -35,10 +35,11 @@ from actors.router import Router
 from protocol import codec, codes
 from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
 from runtime.timers import TimerHeap
-from transport import metrics
+from transport import metrics, readhub
 from transport.connection import Connection, Flusher
 from transport.directstream import DirectListener, DirectStream
 from transport.ratelimit import TokenBucket
+from transport.readhub import ReadHub
 from transport.watch import Watch
 from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 
@@ -84,6 +85,7 @@ class WsConfig:
     send_queue_bytes: int = 8 << 20
     max_connections_per_user: int = 200  # on this pod
     fast_path: bool = True  # plain TCP: frames written straight to the socket (transport/directstream.py)
+    read_hub: bool = True  # fast path: one task reads every socket (transport/readhub.py)
 
 
 class WebSocketServer:
@@ -105,6 +107,8 @@ class WebSocketServer:
         self.port: int | None = None
         self._listener_scope = trio.CancelScope()
         self.flusher = Flusher() if config.fast_path and ssl_context is None else None
+        # Every fast-path connection's reads in one task (transport/readhub.py), where epoll exists.
+        self.hub = ReadHub() if self.flusher is not None and config.read_hub and readhub.available() else None
         self.timers = TimerHeap()  # every connection's pings, idle cut-off and token expiry (transport/watch.py)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -112,6 +116,8 @@ class WebSocketServer:
         async with trio.open_nursery() as outer:
             if self.flusher is not None:
                 outer.start_soon(self.flusher.run)  # outlives every connection that may mark it
+            if self.hub is not None:
+                outer.start_soon(self.hub.run)  # outlives every connection that registers with it
             outer.start_soon(self.timers.run)
             async with trio.open_nursery() as handlers:
                 port = await handlers.start(self._listen, handlers)
@@ -377,7 +383,7 @@ class WebSocketServer:
                 log.error("websocket message handling failed", exc_info=exc)
                 conn.close(codes.INTERNAL_ERROR, "internal error")
 
-            await ws.run(take, failed)
+            await ws.run(take, failed, self.hub)
             return
         while conn.close_request is None:  # once closing (expired token, eviction...) nothing more is taken
             try:

@@ -26,6 +26,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from transport.directstream import DirectStream
+from transport.readhub import ReadHub
 from transport.wsframe import OP_CLOSE, OP_PING, OP_PONG, control_frame, data_frame
 from transport.wsread import CloseFrame, Event, FrameReader, PingFrame, PongFrame, WsViolation
 
@@ -183,53 +184,111 @@ class OwnWebSocket:
         finally:
             self._reading = False
 
-    async def run(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> None:
+    async def run(
+        self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None], hub: ReadHub | None = None
+    ) -> None:
         """Read until the connection ends, handing each message to `take` as soon as it is parsed (`failed` gets
-        what `take` raised). The hot path: a read, a parse, a call; the socket is waited on only when empty."""
-        stream = self.stream
-        events = self._events
+        what `take` raised). The hot path: a read, a parse, a call. With a `hub` (transport/readhub.py) its task
+        reads whenever the socket is readable and this task only waits for the end; without one this task reads,
+        waiting for the socket only when it is empty."""
         self._reading = True
         try:
-            waited = True
-            drained = False  # the last read took less than it asked for: the kernel had no more
-            while True:
-                while events:
-                    event = events.pop(0)
-                    if type(event) is str or type(event) is bytes:
-                        try:
-                            take(event)
-                        except Exception as exc:
-                            failed(exc)
-                    else:
-                        self._control(event)  # type: ignore[arg-type]
-                if self.closed is not None and self._peer_closed_seen():
-                    return
-                if drained:
-                    data = None  # a read now would almost always find nothing: a syscall saved per message
-                else:
-                    try:
-                        data = stream.read_nowait(RECEIVE_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
-                if data is None:
-                    try:
-                        await stream.wait_readable()
-                    except trio.ClosedResourceError:
-                        self._lost()
-                        return
-                    waited = True
-                    drained = False
-                    continue
-                if not data:
-                    self._lost()
-                    return
-                if not waited:
-                    await trio.lowlevel.checkpoint()  # a peer that keeps us busy still lets everyone else run
-                waited = False
-                drained = len(data) < RECEIVE_BYTES
-                self.feed(data)
+            if self._hand_over(take, failed):
+                return
+            if hub is not None:
+                await self._run_in(hub, take, failed)
+            else:
+                await self._read_loop(take, failed)
         finally:
             self._reading = False
+
+    def _hand_over(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> bool:
+        """Hand the parsed events over (messages to `take`, control frames handled here); True once reading is
+        over (the peer's close frame came, the connection died, or we broke off)."""
+        events = self._events
+        while events:
+            event = events.pop(0)
+            if type(event) is str or type(event) is bytes:
+                try:
+                    take(event)
+                except Exception as exc:
+                    failed(exc)
+            else:
+                self._control(event)  # type: ignore[arg-type]
+        return self.closed is not None and self._peer_closed_seen()
+
+    def _read_once(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> bool:
+        """One read of what the kernel holds, parsed and handed over; True once reading is over."""
+        try:
+            data = self.stream.read_nowait(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data is None:
+            return False  # nothing after all (another read took it)
+        if not data:
+            self._lost()
+            return True
+        self.feed(data)
+        return self._hand_over(take, failed)
+
+    async def _run_in(
+        self, hub: ReadHub, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]
+    ) -> None:
+        """Let the hub's task read; wait for the end. What the callback raises ends this task with it, as it
+        would have ended the reading task."""
+        fd = self.stream.socket.fileno()
+        done = trio.Event()
+        raised: list[BaseException] = []
+
+        def on_readable() -> None:
+            try:
+                over = self._read_once(take, failed)
+            except BaseException as exc:  # re-raised in the connection's task below
+                raised.append(exc)
+                over = True
+            if over:
+                hub.remove(fd, on_readable)
+                done.set()
+
+        hub.add(fd, on_readable)
+        try:
+            await done.wait()
+        finally:
+            hub.remove(fd, on_readable)  # cancelled (closed, cut): stop before the socket closes
+        if raised:
+            raise raised[0]
+
+    async def _read_loop(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> None:
+        stream = self.stream
+        waited = True
+        drained = False  # the last read took less than it asked for: the kernel had no more
+        while True:
+            if drained:
+                data = None  # a read now would almost always find nothing: a syscall saved per message
+            else:
+                try:
+                    data = stream.read_nowait(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if data is None:
+                try:
+                    await stream.wait_readable()
+                except trio.ClosedResourceError:
+                    self._lost()
+                    return
+                waited = True
+                drained = False
+                continue
+            if not data:
+                self._lost()
+                return
+            if not waited:
+                await trio.lowlevel.checkpoint()  # a peer that keeps us busy still lets everyone else run
+            waited = False
+            drained = len(data) < RECEIVE_BYTES
+            self.feed(data)
+            if self._hand_over(take, failed):
+                return
 
     def _peer_closed_seen(self) -> bool:
         """Whether reading is over: the peer's close frame came, or the connection died, or we broke off."""

@@ -23,6 +23,12 @@ from transport.connection import Connection
 BIG = "v" * 20_000
 
 
+@pytest.fixture(params=[True, False], ids=["read-hub", "reader-task"])
+def hub(request: pytest.FixtureRequest) -> bool:
+    """Every test with the sockets read by the server's ReadHub (the default) and by a task per connection."""
+    return bool(request.param)
+
+
 def server_link(h: Harness, sid: str, device: str) -> Connection:
     actor = h.running.registry.lookup(sid)
     assert actor is not None
@@ -42,8 +48,8 @@ async def patches_until(dev: Any, version: int, timeout: float = 20) -> list[int
 
 
 @pytest.mark.parametrize("fast", [True, False])
-async def test_both_paths_deliver_the_same_frames(nursery: trio.Nursery, tmp_path: Path, fast: bool) -> None:
-    h = await start_server(nursery, tmp_path / "data", ws_fast_path=fast, rate_limit="1000/1000")
+async def test_both_paths_deliver_the_same_frames(nursery: trio.Nursery, tmp_path: Path, hub: bool, fast: bool) -> None:
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, ws_fast_path=fast, rate_limit="1000/1000")
     sid = await h.create_session()
     async with raw_device(h, sid, "w") as writer, raw_device(h, sid, "r") as reader:
         assert (server_link(h, sid, "r")._direct is not None) is fast
@@ -57,12 +63,12 @@ async def test_both_paths_deliver_the_same_frames(nursery: trio.Nursery, tmp_pat
 
 @pytest.mark.parametrize("reads_in_grace", [False, True])
 async def test_a_device_that_never_reads_does_not_hold_back_a_fast_one(
-    nursery: trio.Nursery, tmp_path: Path, reads_in_grace: bool
+    nursery: trio.Nursery, tmp_path: Path, hub: bool, reads_in_grace: bool
 ) -> None:
     """It is evicted; if it reads within the close grace it gets the error then 4008, else it is reset."""
     from wsproto.events import CloseConnection, Message
 
-    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000", send_queue_frames=64)
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, rate_limit="10000/10000", send_queue_frames=64)
     sid = await h.create_session()
     # A 4 KiB window drains slower than the close grace allows; one that reads in time gets a normal window.
     stuck_stream, stuck_ws = await wsproto_device(h, sid, "stuck", h.token(), rcvbuf=None if reads_in_grace else 4096)
@@ -132,9 +138,9 @@ async def test_a_device_that_never_reads_does_not_hold_back_a_fast_one(
     h.running.stop()
 
 
-async def test_pings_answered_between_a_flood_of_frames(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_pings_answered_between_a_flood_of_frames(nursery: trio.Nursery, tmp_path: Path, hub: bool) -> None:
     """trio-websocket answers pings with send_all while the flusher writes frames: neither tears the other."""
-    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, rate_limit="10000/10000")
     sid = await h.create_session()
     sent = 400
     async with raw_device(h, sid, "w") as writer, raw_device(h, sid, "r") as reader:
@@ -161,9 +167,9 @@ async def test_pings_answered_between_a_flood_of_frames(nursery: trio.Nursery, t
 
 
 async def test_a_session_ended_while_frames_flow_closes_after_the_last_frame(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, hub: bool
 ) -> None:
-    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, rate_limit="10000/10000")
     sid = await h.create_session()
     async with raw_device(h, sid, "w") as writer, raw_device(h, sid, "r") as reader:
         for op_id in range(1, 201):
@@ -183,13 +189,13 @@ async def test_a_session_ended_while_frames_flow_closes_after_the_last_frame(
 
 
 async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, hub: bool
 ) -> None:
     """Ops pipelined right behind the hello wait, parsed, while the session attaches; they are taken first, in
     order, then the connection's own task takes the rest as it reads them."""
     from transport.wsconn import OwnWebSocket
 
-    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, rate_limit="10000/10000")
     sid = await h.create_session()
     hello = {"t": "hello", "token": h.token(), "session": sid, "device": "p"}
     async with raw_device(h, sid, "p", hello={}) as dev:
@@ -207,13 +213,13 @@ async def test_messages_sent_before_the_welcome_are_taken_in_order_then_inline(
 
 
 async def test_a_failure_while_taking_a_message_closes_that_connection_only(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, tmp_path: Path, hub: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An exception while a message is taken inline, in the connection's reading task: it must not reach the
     server's nursery (every device would go), only close its own connection with 1011."""
     from transport.server import WebSocketServer
 
-    h = await start_server(nursery, tmp_path / "data")
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub)
     sid = await h.create_session()
     original = WebSocketServer._message_for
 
@@ -232,11 +238,11 @@ async def test_a_failure_while_taking_a_message_closes_that_connection_only(
 
 
 async def test_devices_leaving_while_frames_flow_to_them_leave_the_server_up(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, hub: bool
 ) -> None:
     """Review finding: a connection marked for the flusher whose nursery ended before the flush (the device left
     in between) made the flusher start a writer in a closed nursery, and that error ended the whole server."""
-    h = await start_server(nursery, tmp_path / "data", rate_limit="10000/10000")
+    h = await start_server(nursery, tmp_path / "data", ws_read_hub=hub, rate_limit="10000/10000")
     sid = await h.create_session()
     async with raw_device(h, sid, "w") as writer:
 

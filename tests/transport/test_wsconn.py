@@ -4,7 +4,10 @@ the close handshake both ways, pings both ways, and the violations trio-websocke
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed
 from wsproto import WSConnection
@@ -23,9 +26,22 @@ from wsproto.events import (
 from wsproto.frame_protocol import FrameProtocol
 
 from transport.directstream import DirectStream
+from transport.readhub import ReadHub
 from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 
 MAX = 4096
+
+RunWs = Callable[[OwnWebSocket, Callable[[Any], None], Callable[[Exception], None]], Awaitable[None]]
+
+
+@pytest.fixture(params=["read-hub", "reader-task"])
+async def run_ws(request: pytest.FixtureRequest, nursery: trio.Nursery) -> RunWs:
+    """`ws.run` read by a ReadHub's task (the server's default), or by the calling task itself."""
+    if request.param == "reader-task":
+        return lambda ws, take, failed: ws.run(take, failed)
+    hub = ReadHub()
+    nursery.start_soon(hub.run)
+    return lambda ws, take, failed: ws.run(take, failed, hub)
 
 
 class Client:
@@ -134,11 +150,11 @@ async def test_frames_sent_with_the_request_before_our_answer_are_not_lost() -> 
         assert await ws.get_message() == "early"
 
 
-async def test_run_hands_over_every_message_inline_and_answers_pings_with_their_payload() -> None:
+async def test_run_hands_over_every_message_inline_and_answers_pings_with_their_payload(run_ws: RunWs) -> None:
     ws, client = await opened()
     got: list[str | bytes] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ws.run, got.append, _raise)
+        nursery.start_soon(run_ws, ws, got.append, _raise)
         for i in range(50):
             await client.send(TextMessage(data=f"m{i}"))
         await client.send(Ping(payload=b"are you there"))
@@ -152,10 +168,10 @@ async def test_run_hands_over_every_message_inline_and_answers_pings_with_their_
     assert ws.closed is not None and ws.closed.code == 1000 and ws.closed.reason == "bye"
 
 
-async def test_our_close_waits_for_the_peers_answer_then_closes_tcp() -> None:
+async def test_our_close_waits_for_the_peers_answer_then_closes_tcp(run_ws: RunWs) -> None:
     ws, client = await opened()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ws.run, _ignore, _raise)
+        nursery.start_soon(run_ws, ws, _ignore, _raise)
         nursery.start_soon(ws.aclose, 4008, "slow_consumer")
         event = await client.next_event()
         assert isinstance(event, CloseConnection) and event.code == 4008 and event.reason == "slow_consumer"
@@ -174,12 +190,12 @@ async def test_aclose_without_a_reader_reads_the_answer_itself() -> None:
     assert await client.eof()
 
 
-async def test_keepalive_pings_are_answered_by_pongs_that_reach_on_pong() -> None:
+async def test_keepalive_pings_are_answered_by_pongs_that_reach_on_pong(run_ws: RunWs) -> None:
     ws, client = await opened()
     pongs: list[int] = []
     ws.on_pong = lambda: pongs.append(1)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ws.run, _ignore, _raise)
+        nursery.start_soon(run_ws, ws, _ignore, _raise)
         ws.ping_nowait()
         event = await client.next_event()
         assert isinstance(event, Ping)
@@ -190,11 +206,11 @@ async def test_keepalive_pings_are_answered_by_pongs_that_reach_on_pong() -> Non
         nursery.cancel_scope.cancel()
 
 
-async def violation(frames: bytes) -> tuple[OwnWebSocket, int | None]:
+async def violation(run_ws: RunWs, frames: bytes) -> tuple[OwnWebSocket, int | None]:
     """The close code the client gets after sending `frames`, and the server side's reason."""
     ws, client = await opened()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ws.run, _ignore, _raise)
+        nursery.start_soon(run_ws, ws, _ignore, _raise)
         await client.stream.send_all(frames)
         with trio.fail_after(5):
             event = await client.next_event()
@@ -202,21 +218,21 @@ async def violation(frames: bytes) -> tuple[OwnWebSocket, int | None]:
     return ws, event.code
 
 
-async def test_a_message_over_the_cap_is_closed_with_1009() -> None:
+async def test_a_message_over_the_cap_is_closed_with_1009(run_ws: RunWs) -> None:
     big = FrameProtocol(client=True, extensions=[]).send_data(b"x" * (MAX + 1), fin=True)
-    ws, code = await violation(big)
+    ws, code = await violation(run_ws, big)
     assert code == 1009 and ws.closed is not None and ws.closed.code == 1009
 
 
-async def test_text_that_is_not_utf8_is_closed_with_1007() -> None:
-    _, code = await violation(masked(0x1, b"\xff\xfe"))
+async def test_text_that_is_not_utf8_is_closed_with_1007(run_ws: RunWs) -> None:
+    _, code = await violation(run_ws, masked(0x1, b"\xff\xfe"))
     assert code == 1007
 
 
-async def test_an_unmasked_frame_and_reserved_bits_are_closed_with_1002() -> None:
-    _, code = await violation(masked(0x1, b"hi", mask=False))
+async def test_an_unmasked_frame_and_reserved_bits_are_closed_with_1002(run_ws: RunWs) -> None:
+    _, code = await violation(run_ws, masked(0x1, b"hi", mask=False))
     assert code == 1002
-    _, code = await violation(masked(0x1, b"hi", rsv1=True))
+    _, code = await violation(run_ws, masked(0x1, b"hi", rsv1=True))
     assert code == 1002
 
 
@@ -254,3 +270,54 @@ def _ignore(_: object) -> None:
 
 def _raise(exc: Exception) -> None:
     raise exc
+
+
+async def test_a_peer_that_vanishes_ends_run_with_1006(run_ws: RunWs) -> None:
+    ws, client = await opened()
+    got: list[str | bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_ws, ws, got.append, _raise)
+        await client.send(TextMessage(data="last words"))
+        await client.stream.aclose()
+        with trio.fail_after(5):
+            while ws.closed is None:
+                await trio.sleep(0.01)
+    assert got == ["last words"] and ws.closed.code == 1006
+
+
+async def test_a_failure_in_the_read_callback_ends_that_connections_run_only(nursery: trio.Nursery) -> None:
+    """With a hub, what escapes the parse (a bug, here in the pong handler) is raised in the connection's own
+    task, as it would have been from its reader task; the hub and another connection read on."""
+    hub = ReadHub()
+    nursery.start_soon(hub.run)
+    (bad, bad_client), (good, good_client) = await opened(), await opened()
+
+    def broken_pong() -> None:
+        raise RuntimeError("bug")
+
+    bad.on_pong = broken_pong
+    got: list[str | bytes] = []
+    raised: list[BaseException] = []
+
+    async def run_bad() -> None:
+        try:
+            await bad.run(_ignore, _raise, hub)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(run_bad)
+        inner.start_soon(good.run, got.append, _raise, hub)
+        await bad_client.send(Pong(payload=b"x"))
+        await good_client.send(TextMessage(data="still here"))
+        with trio.fail_after(5):
+            while not raised or not got:
+                await trio.sleep(0.01)
+        assert len(hub) == 1  # the broken connection left the hub, the good one reads on
+        await good_client.send(TextMessage(data="and here"))
+        with trio.fail_after(5):
+            while len(got) < 2:
+                await trio.sleep(0.01)
+        inner.cancel_scope.cancel()
+    assert str(raised[0]) == "bug" and got == ["still here", "and here"]
+    assert len(hub) == 0  # a cancelled run leaves the hub too
