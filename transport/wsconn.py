@@ -236,27 +236,18 @@ class OwnWebSocket:
     ) -> None:
         """Let the hub's task read; wait for the end. What the callback raises ends this task with it, as it
         would have ended the reading task."""
-        fd = self.stream.socket.fileno()
-        done = trio.Event()
-        raised: list[BaseException] = []
-
-        def on_readable() -> None:
-            try:
-                over = self._read_once(take, failed)
-            except BaseException as exc:  # re-raised in the connection's task below
-                raised.append(exc)
-                over = True
-            if over:
-                hub.remove(fd, on_readable)
-                done.set()
-
-        hub.add(fd, on_readable)
+        reader = _HubReader(self, hub, take, failed)
+        hub.add(reader.fd, reader)
         try:
-            await done.wait()
+            await reader.done.wait()
         finally:
-            hub.remove(fd, on_readable)  # cancelled (closed, cut): stop before the socket closes
-        if raised:
-            raise raised[0]
+            hub.remove(reader.fd, reader)  # cancelled (closed, cut): stop before the socket closes
+            error, reader.raised = reader.raised, None
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error  # no frame <-> traceback cycle left behind (the server frees connections by refcount)
 
     async def _read_loop(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> None:
         stream = self.stream
@@ -383,6 +374,35 @@ class OwnWebSocket:
         finally:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+
+class _HubReader:
+    """An OwnWebSocket's read callback in a ReadHub: one read, parsed and handed over, per call; at the end it
+    leaves the hub and wakes the connection's task. An object rather than a closure: a closure that removes itself
+    refers to itself, a cycle the server's connections must not leave behind (issue 9, cyclic garbage)."""
+
+    __slots__ = ("done", "failed", "fd", "hub", "raised", "take", "ws")
+
+    def __init__(
+        self, ws: OwnWebSocket, hub: ReadHub, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]
+    ) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.take = take
+        self.failed = failed
+        self.fd = ws.stream.socket.fileno()
+        self.done = trio.Event()
+        self.raised: BaseException | None = None
+
+    def __call__(self) -> None:
+        try:
+            over = self.ws._read_once(self.take, self.failed)
+        except BaseException as exc:  # re-raised in the connection's task
+            self.raised = exc
+            over = True
+        if over:
+            self.hub.remove(self.fd, self)
+            self.done.set()
 
 
 def _close_payload(code: int | None, reason: str) -> bytes:
