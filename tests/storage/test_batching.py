@@ -95,3 +95,33 @@ async def test_an_outage_fails_every_waiter_and_the_next_flush_works(nursery: tr
     inner.fail = None
     await journal.append("s", change(1))
     assert [c.version for c in await journal.read_after("s", 0)] == [1]
+
+
+async def test_an_appender_cancelled_while_waiting_leaves_the_flush_and_the_others_whole(
+    nursery: trio.Nursery,
+) -> None:
+    """The waiting actor goes (its cancel scope, a lease lost); the batch it joined is still written, the other
+    waiters get their answers, and the flusher goes on serving."""
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    nursery.start_soon(journal.run)
+    inner.gate = trio.Event()
+    done: list[str] = []
+
+    async def append(sid: str) -> None:
+        await journal.append(sid, change(1))
+        done.append(sid)
+
+    async with trio.open_nursery() as appenders:
+        with trio.CancelScope() as gone:
+            appenders.start_soon(append, "other")
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as mine:
+                mine.start_soon(append, "mine")
+                await trio.testing.wait_all_tasks_blocked()
+                gone.cancel()
+        inner.gate.set()
+    assert done == ["other"]
+    assert [c.version for c in await journal.read_after("mine", 0)] == [1]  # written all the same
+    await journal.append("later", change(1))
+    assert [c.version for c in await journal.read_after("later", 0)] == [1]
