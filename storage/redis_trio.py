@@ -71,10 +71,6 @@ class TrioRedisConnection:
     def connected(self) -> bool:
         return self._stream is not None
 
-    def sockname(self) -> Any:
-        """The connection's local address (None while not connected): tests find it in CLIENT LIST."""
-        return self._stream.socket.getsockname() if self._stream is not None else None
-
     def close(self) -> None:
         """Close at once (what `SocketStream.aclose` does before its checkpoint): callable while cancelled."""
         stream, self._stream, self._reader = self._stream, None, None
