@@ -43,7 +43,6 @@ class ReadHub:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
-        self.rounds = 0
 
     def add(self, fd: int, on_readable: Callable[[], None]) -> None:
         """Start calling `on_readable` when `fd` is readable. A descriptor number reused by a new socket (the old
@@ -72,7 +71,6 @@ class ReadHub:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 while True:
-                    self.rounds += 1
                     events = epoll.poll(0, MAX_EVENTS)
                     for fd, _flags in events:
                         on_readable = callbacks.get(fd)
