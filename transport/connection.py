@@ -6,7 +6,7 @@ What a full queue means is decided here, where the device is (transport/sendqueu
 supersedes and ask the actor for one, or evict a device that still cannot keep up. Everything queued goes out as
 one message (an array) per write: fewer writes per frame is where the transport's speed comes from.
 
-The fast path (issue 9): on a plain TCP connection (transport/directstream.py) nothing wakes the connection's own
+The fast path (issue 9): on a plain TCP connection (runtime/directstream.py) nothing wakes the connection's own
 task. `deliver` only queues and marks the connection for the server's `Flusher`, whose single task runs once the
 actor's turn has yielded and writes each marked connection's queue as one complete WebSocket frame, straight to
 the socket. Only what the kernel does not take wakes the connection's writer task, which waits for the socket;
@@ -25,9 +25,9 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors.messages import Outgoing
 from protocol import codec, codes
+from runtime.directstream import DirectStream
 from runtime.sleeper import Sleeper
 from transport import metrics
-from transport.directstream import DirectStream
 from transport.sendqueue import Push, SendQueue
 from transport.wsconn import OwnWebSocket
 from transport.wsframe import data_frame

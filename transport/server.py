@@ -34,12 +34,11 @@ from actors.messages import (
 from actors.router import Router
 from protocol import codec, codes
 from protocol.frames import Auth, Claim, Hello, Op, Pause, ProtocolError
+from runtime.directstream import DirectListener, DirectStream
 from runtime.timers import TimerHeap
 from transport import metrics, readhub
 from transport.connection import Connection, Flusher
-from transport.directstream import DirectListener, DirectStream
 from transport.ratelimit import TokenBucket
-from transport.readhub import ReadHub
 from transport.watch import Watch
 from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 
@@ -84,7 +83,7 @@ class WsConfig:
     send_queue_frames: int = 1024
     send_queue_bytes: int = 8 << 20
     max_connections_per_user: int = 200  # on this pod
-    fast_path: bool = True  # plain TCP: frames written straight to the socket (transport/directstream.py)
+    fast_path: bool = True  # plain TCP: frames written straight to the socket (runtime/directstream.py)
     read_hub: bool = True  # fast path: one task reads every socket (transport/readhub.py)
 
 
@@ -108,7 +107,7 @@ class WebSocketServer:
         self._listener_scope = trio.CancelScope()
         self.flusher = Flusher() if config.fast_path and ssl_context is None else None
         # Every fast-path connection's reads in one task (transport/readhub.py), where epoll exists.
-        self.hub = ReadHub() if self.flusher is not None and config.read_hub and readhub.available() else None
+        self.hub = readhub.ReadHub() if self.flusher is not None and config.read_hub and readhub.available() else None
         self.timers = TimerHeap()  # every connection's pings, idle cut-off and token expiry (transport/watch.py)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

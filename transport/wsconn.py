@@ -4,7 +4,7 @@ trio-websocket gives every connection a reader task, a handler task, a channel b
 machine whose pure-Python parser unmasks each byte in Python: about a third of the server's CPU under load and
 most of an idle device's memory. Here the connection's own task is the reader: it reads the socket, parses frames
 with transport/wsread.py (sans-I/O) and hands each message to its taker inline; frames go out through the
-DirectStream (transport/directstream.py), written by transport/wsframe.py. The handshake stays wsproto's
+DirectStream (runtime/directstream.py), written by transport/wsframe.py. The handshake stays wsproto's
 (its sans-I/O `H11Handshake`, with h11 underneath): the HTTP side is where a library earns its keep.
 
 What trio-websocket guaranteed is kept, and tested (tests/transport/test_wsconn.py): the close handshake in both
@@ -25,7 +25,7 @@ from wsproto.events import RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
-from transport.directstream import DirectStream
+from runtime.directstream import DirectStream
 from transport.readhub import ReadHub
 from transport.wsframe import OP_CLOSE, OP_PING, OP_PONG, control_frame, data_frame
 from transport.wsread import CloseFrame, Event, FrameReader, PingFrame, PongFrame, WsViolation
@@ -121,13 +121,18 @@ async def read_handshake(stream: DirectStream, max_message_bytes: int) -> OwnReq
                 return OwnRequest(stream, handshake, event, max_message_bytes)
 
 
+def read_now(stream: DirectStream) -> bytes | None:
+    """What the socket holds now (None: nothing yet); b"" at end of stream or when the peer is gone."""
+    try:
+        return stream.read_nowait(RECEIVE_BYTES)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
+
+
 async def receive(stream: DirectStream) -> bytes:
     """Bytes from the socket, waiting for them if need be; b"" at end of stream or when the peer is gone."""
     while True:
-        try:
-            data = stream.read_nowait(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+        data = read_now(stream)
         if data is not None:
             return data
         try:
@@ -219,10 +224,7 @@ class OwnWebSocket:
 
     def _read_once(self, take: Callable[[str | bytes], None], failed: Callable[[Exception], None]) -> bool:
         """One read of what the kernel holds, parsed and handed over; True once reading is over."""
-        try:
-            data = self.stream.read_nowait(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
+        data = read_now(self.stream)
         if data is None:
             return False  # nothing after all (another read took it)
         if not data:
@@ -254,13 +256,8 @@ class OwnWebSocket:
         waited = True
         drained = False  # the last read took less than it asked for: the kernel had no more
         while True:
-            if drained:
-                data = None  # a read now would almost always find nothing: a syscall saved per message
-            else:
-                try:
-                    data = stream.read_nowait(RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+            # After a short read a read now would almost always find nothing: a syscall saved per message.
+            data = None if drained else read_now(stream)
             if data is None:
                 try:
                     await stream.wait_readable()

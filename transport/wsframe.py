@@ -2,7 +2,7 @@
 
 A server frame is never masked, and sessiond negotiates no extension, so a complete, final frame is a two to ten
 byte header and the payload. wsproto builds the same bytes through several layers of Python per message; these
-are what `transport/connection.py` writes straight to the socket (transport/directstream.py).
+are what `transport/connection.py` writes straight to the socket (runtime/directstream.py).
 """
 
 from __future__ import annotations

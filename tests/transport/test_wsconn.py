@@ -25,7 +25,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import FrameProtocol
 
-from transport.directstream import DirectStream
+from runtime.directstream import DirectStream
 from transport.readhub import ReadHub
 from transport.wsconn import OwnRequest, OwnWebSocket, read_handshake
 

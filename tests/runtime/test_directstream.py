@@ -1,4 +1,4 @@
-"""transport/directstream.py over real loopback TCP: partial writes, the EAGAIN fallback, order with send_all."""
+"""runtime/directstream.py over real loopback TCP: partial writes, the EAGAIN fallback, order with send_all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from transport.directstream import DirectStream
+from runtime.directstream import DirectStream
 from transport.wsframe import data_frame
 
 

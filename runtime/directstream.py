@@ -9,7 +9,8 @@ never interleave. What is pending here is at most one partial write plus trio-we
 that cannot be written yet stay in the connection's bounded send queue (transport/sendqueue.py), which keeps
 deciding what a slow device loses.
 
-Only plain TCP gets this; TLS streams keep trio's path (their bytes are produced by the SSL object).
+Only plain TCP gets this; TLS streams keep trio's path (their bytes are produced by the SSL object). The trio Redis
+connections (storage/redis_trio.py) read and write their sockets through it too.
 """
 
 from __future__ import annotations
