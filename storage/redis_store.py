@@ -95,6 +95,7 @@ end
 for _, i in ipairs(new) do redis.call('XADD', key, ARGV[i] .. '-0', 'd', ARGV[i + 1]) end
 return #new
 """
+_APPEND_BYTES = _APPEND.encode()
 
 # KEYS[1] snapshot hash, KEYS[2] journal, KEYS[3] fence; ARGV = version, data, trim flag, token. Equal versions
 # replace (handoff).
@@ -233,16 +234,17 @@ class RedisJournal:
         self._conn: Any = None
         self._conn_busy = False  # bridge loop only
 
-    def _append_args(self, session_id: str, changes: Sequence[Change], token: int) -> list[Any]:
-        """The append script's command: EVAL, its keys and arguments."""
+    def _append_args(self, session_id: str, changes: Sequence[Change], token: int) -> tuple[Any, ...]:
+        """The append script's command: EVAL, its keys and arguments. A tuple named in bytes: the trio connection
+        hands it to hiredis as it is (`redis_trio.pack`)."""
         r = self._r
-        args: list[Any] = ["EVAL", _APPEND, 2, r.journal_key(session_id), r.fence_key(session_id)]
+        args: list[Any] = [b"EVAL", _APPEND_BYTES, 2, r.journal_key(session_id), r.fence_key(session_id)]
         args += [self.max_entries, token]
         for c in changes:
             args += [c.version, encode_change(c)]
-        return args
+        return tuple(args)
 
-    async def _exchange(self, commands: list[list[Any]]) -> list[Any]:
+    async def _exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send the commands in one write on the journal's own connection and read every reply (a script's error
         as a value, like `execute(raise_on_error=False)`).
 
@@ -301,7 +303,7 @@ class RedisJournal:
             return
         tokens = tokens or {}
 
-        def encode() -> list[list[Any]]:
+        def encode() -> list[tuple[Any, ...]]:
             """One append script per session. Not a transaction: each session's script is atomic by itself."""
             return [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
 
@@ -344,7 +346,7 @@ class RedisJournal:
             raise next(iter(errors.values()))
         raise JournalRefused(errors)
 
-    async def _trio_exchange(self, commands: list[list[Any]]) -> list[Any]:
+    async def _trio_exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The group commit on the trio connection (appends are idempotent: `exchange_idempotent` may retry),
         outages mapped as `RedisClient.call` maps them."""
         conn = self._trio

@@ -24,13 +24,25 @@ import trio
 from redis._parsers import BaseParser
 from redis.connection import HiredisRespSerializer, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse
+from redis.exceptions import DataError, InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from runtime.directstream import DirectStream
 
 _MORE = object()  # hiredis' "not enough data yet" (its default, False, could be mistaken for a reply)
 _READ_SIZE = 65536
+
+
+def pack(packer: HiredisRespSerializer, command: Sequence[Any]) -> bytes:
+    """One command in RESP. A tuple whose name is bytes (one word) goes to hiredis as it is: the group commit's
+    EVAL, hundreds a second, cost 2.3 µs through redis-py's general `pack` (it splits the name, copies the
+    arguments into a new tuple, joins a list) and 0.8 µs here. Anything else takes redis-py's way."""
+    if type(command) is tuple and type(command[0]) is bytes:
+        try:
+            return hiredis.pack_command(command)
+        except TypeError as exc:
+            raise DataError(exc) from exc
+    return b"".join(packer.pack(*command))
 
 
 def supported(url: str) -> bool:
@@ -157,8 +169,8 @@ class TrioRedisConnection:
         about 20 µs of the 55 µs a PING exchange took."""
         stream, reader = self._stream, self._reader
         assert stream is not None and reader is not None
-        pack = self._packer.pack
-        stream.write_nowait(b"".join([chunk for command in commands for chunk in pack(*command)]))
+        packer = self._packer
+        stream.write_nowait(b"".join([pack(packer, command) for command in commands]))
         if stream.pending_bytes:
             await stream.drain()  # the kernel took part of it: wait for room (drain's lock is a checkpoint)
         replies: list[Any] = []

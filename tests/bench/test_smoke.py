@@ -177,3 +177,17 @@ def test_soak_failures_name_loss_doubles_hostile_answers_and_a_leak() -> None:
     assert "hostile" in soak.correctness_failures({**clean, "hostile_unexpected": 1})[0]
     assert "RSS grows" in soak.correctness_failures({**clean, "rss_slope_mb_per_h": 7.5})[0]
     assert soak.correctness_failures({**clean, "rss_slope_mb_per_h": 7.5, "duration_s": 60}) == []  # too short
+
+
+@pytest.mark.services
+async def test_the_group_commit_probe_reports_shared_round_trips(redis_url: str) -> None:
+    """`python -m bench.groupcommit_probe` runs against the local Redis and shows the group commit at work: three
+    appenders in step share round trips (fewer than one per append), one alone takes one per append."""
+    argv = [sys.executable, "-m", "bench.groupcommit_probe", "--appenders", "1", "3", "--appends", "150", "--runs", "1"]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, output
+    rows = {row[0]: row for row in map(str.split, output.splitlines()) if row[:1] in (["1"], ["3"], ["bare"])}
+    assert set(rows) == {"1", "3", "bare"}, output
+    assert float(rows["1"][-1]) == 1.0 and float(rows["3"][-1]) < 0.5, output
+    assert all(float(row[1]) > 0 for row in rows.values()), output

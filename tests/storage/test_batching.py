@@ -60,6 +60,19 @@ async def test_waiting_appends_share_one_round_trip(nursery: trio.Nursery) -> No
     assert [c.version for c in await journal.read_after("s7", 0)] == [1]
 
 
+async def test_appends_made_in_one_scheduling_batch_share_one_round_trip(nursery: trio.Nursery) -> None:
+    """Actors woken together (one read-hub round) append before the flusher, which the first of them woke, runs:
+    one round trip for all, with no scheduling pass of the flusher's own to wait for them."""
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    nursery.start_soon(journal.run)
+    await trio.testing.wait_all_tasks_blocked()
+    async with trio.open_nursery() as appenders:
+        for i in range(20):
+            appenders.start_soon(journal.append, f"s{i}", change(1))
+    assert len(inner.calls) == 1 and len(inner.calls[0]) == 20
+
+
 async def test_refusals_reach_only_their_sessions(nursery: trio.Nursery) -> None:
     inner = CountingJournal()
     journal = BatchingJournal(inner)

@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
-from storage.redis_trio import TrioCommandQueue, TrioRedisConnection
+from storage.redis_trio import TrioCommandQueue, TrioRedisConnection, pack
 
 pytestmark = pytest.mark.services
 
@@ -143,3 +144,23 @@ async def test_partial_writes_and_reads_carry_a_large_value_whole(nursery: trio.
     finally:
         await conn.exchange([["DEL", key]])
         conn.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        (b"EVAL", b"return 1", 2, "p:{s}:j", "p:{s}:epoch", 100000, 0, 5, b'{"v":5}'),  # hiredis directly
+        ["EVAL", "return 1", 0],  # a list: redis-py's packer
+        ("SCRIPT LOAD", "return 1"),  # a two-word name, split by redis-py
+        ("SET", "k", 1.5),
+    ],
+)
+def test_pack_writes_what_redis_py_writes(command: Any) -> None:
+    assert pack(HiredisRespSerializer(), command) == b"".join(HiredisRespSerializer().pack(*command))
+
+
+def test_pack_refuses_what_redis_py_refuses() -> None:
+    with pytest.raises(DataError):
+        pack(HiredisRespSerializer(), (b"SET", b"k", object()))
+    with pytest.raises(DataError):
+        pack(HiredisRespSerializer(), ("SET", "k", object()))
