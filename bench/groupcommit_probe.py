@@ -23,29 +23,10 @@ import trio
 
 from storage.batching import BatchingJournal
 from storage.ports import Change
-from storage.redis_store import RedisJournal, encode_change
+from storage.redis_store import RedisClient, RedisJournal, encode_change
 from storage.redis_trio import TrioRedisConnection
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class _Keys:
-    """The key naming `RedisJournal` needs from its client (`RedisClient`), without the bridge: the trio path
-    uses nothing else."""
-
-    cluster = False
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def key(self, session_id: str, kind: str) -> str:
-        return f"{self.prefix}{{{session_id}}}:{kind}"
-
-    def journal_key(self, session_id: str) -> str:
-        return self.key(session_id, "j")
-
-    def fence_key(self, session_id: str) -> str:
-        return self.key(session_id, "epoch")
 
 
 def _change(version: int) -> list[Change]:
@@ -63,9 +44,9 @@ def _redis_core() -> str:
     return "?"
 
 
-async def _group_commit(keys: _Keys, appenders: int, appends: int) -> tuple[float, float, float]:
+async def _group_commit(keys: RedisClient, appenders: int, appends: int) -> tuple[float, float, float]:
     conn = TrioRedisConnection(REDIS_URL, 5.0)
-    journal = BatchingJournal(RedisJournal(keys, 1 << 30, conn))  # type: ignore[arg-type]  # _Keys: naming only
+    journal = BatchingJournal(RedisJournal(keys, 1 << 30, conn))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch)
@@ -90,10 +71,10 @@ async def _group_commit(keys: _Keys, appenders: int, appends: int) -> tuple[floa
         conn.close()
 
 
-async def _bare(keys: _Keys, appends: int) -> tuple[float, float]:
+async def _bare(keys: RedisClient, appends: int) -> tuple[float, float]:
     """The append script on the bare connection: the floor under the group commit."""
     conn = TrioRedisConnection(REDIS_URL, 5.0)
-    journal = RedisJournal(keys, 1 << 30, conn)  # type: ignore[arg-type]
+    journal = RedisJournal(keys, 1 << 30, conn)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch)
@@ -110,7 +91,7 @@ async def _bare(keys: _Keys, appends: int) -> tuple[float, float]:
         conn.close()
 
 
-async def _delete(keys: _Keys, sessions: list[str]) -> None:
+async def _delete(keys: RedisClient, sessions: list[str]) -> None:
     conn = TrioRedisConnection(REDIS_URL, 5.0)
     try:
         await conn.exchange([("DEL", *(keys.journal_key(s) for s in sessions))])
@@ -119,7 +100,8 @@ async def _delete(keys: _Keys, sessions: list[str]) -> None:
 
 
 async def main(appenders: list[int], appends: int, runs: int) -> None:
-    keys = _Keys(f"sessiond-gcprobe-{uuid.uuid4().hex[:8]}:")
+    # Key naming only: the trio path uses nothing else of the client (no bridge, no redis.asyncio client).
+    keys = RedisClient(None, None, f"sessiond-gcprobe-{uuid.uuid4().hex[:8]}:")  # type: ignore[arg-type]
     assert encode_change(_change(1)[0])  # the stack under test is importable and encodes
     print(f"pinned to {sorted(os.sched_getaffinity(0))}; redis-server last ran on core {_redis_core()}")
     print(f"{'appenders':>9}  {'CPU µs/append':>22}  {'wall µs/append':>14}  {'round trips/append':>18}")
