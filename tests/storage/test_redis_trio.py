@@ -152,6 +152,9 @@ async def test_partial_writes_and_reads_carry_a_large_value_whole(nursery: trio.
         (b"EVAL", b"return 1", 2, "p:{s}:j", "p:{s}:epoch", 100000, 0, 5, b'{"v":5}'),  # hiredis directly
         ["EVAL", "return 1", 0],  # a list: redis-py's packer
         ("SCRIPT LOAD", "return 1"),  # a two-word name, split by redis-py
+        (b"SCRIPT LOAD", b"return 1"),  # the same in bytes: still split
+        (b"SET", b"k", bytearray(b"v")),  # hiredis refuses a bytearray, redis-py copies it
+        (b"SET", b"k", memoryview(b"v")),
         ("SET", "k", 1.5),
     ],
 )
