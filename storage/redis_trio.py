@@ -37,7 +37,8 @@ def pack(packer: HiredisRespSerializer, command: Sequence[Any]) -> bytes:
     """One command in RESP, as redis-py's `pack` writes it. A tuple named by one word in bytes goes to hiredis as
     it is: the group commit's EVAL, hundreds a second, took 2.4 µs through redis-py's general `pack` (it splits
     the name, copies the arguments into a new tuple to turn bytearrays and memoryviews into bytes, joins a list)
-    and 1.0 µs here (timeit; 3.9 against 2.0 when the VM ran slower). Anything else, or an argument hiredis does not take, goes redis-py's way."""
+    and 1.0 µs here (timeit; 3.9 against 2.0 when the VM ran slower). Anything else, or an argument hiredis does
+    not take, goes redis-py's way."""
     if type(command) is tuple and type(command[0]) is bytes and b" " not in command[0]:
         try:
             return hiredis.pack_command(command)
