@@ -2,8 +2,9 @@
 
 trio-websocket gives every connection a reader task, a handler task, a channel between them and a wsproto state
 machine whose pure-Python parser unmasks each byte in Python: about a third of the server's CPU under load and
-most of an idle device's memory. Here the connection's own task is the reader: it reads the socket, parses frames
-with transport/wsread.py (sans-I/O) and hands each message to its taker inline; frames go out through the
+most of an idle device's memory. Here the server's read hub (transport/readhub.py) reads the socket when it turns
+readable, or, without a hub, the connection's own task does; either parses frames with transport/wsread.py
+(sans-I/O) and hands each message to its taker inline. Frames go out through the
 DirectStream (runtime/directstream.py), written by transport/wsframe.py. The handshake stays wsproto's
 (its sans-I/O `H11Handshake`, with h11 underneath): the HTTP side is where a library earns its keep.
 
