@@ -25,7 +25,7 @@ import trio
 
 from storage.bridge import Bridge, open_bridge
 from storage.memory import Fences, decode_cursor, encode_cursor
-from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
+from storage.metrics import JOURNAL_FIGURES, STORAGE_ERRORS, error_kind
 from storage.ports import (
     MAX_JOURNAL_ENTRIES,
     Change,
@@ -301,8 +301,7 @@ class PostgresSnapshotStore:
         await _run(self._bridge, self._pool.execute, "DELETE FROM snapshots WHERE session_id = $1", session_id)
 
 
-_APPEND_SECONDS = JOURNAL_APPEND_SECONDS.labels("postgres")
-_APPENDED = JOURNAL_APPENDED.labels("postgres")
+_FIGURES = JOURNAL_FIGURES["postgres"]
 
 
 def _refusal(session_id: str, reason: str) -> Exception:
@@ -371,9 +370,9 @@ class PostgresJournal:
             self.max_entries,
             row_tokens,
         )
-        _APPEND_SECONDS.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         errors = {r["refused_session"]: _refusal(r["refused_session"], r["reason"]) for r in rows}
-        _APPENDED.inc(sum(len(ch) for sid, ch in items if sid not in errors))
+        _FIGURES.observe(elapsed, sum(len(ch) for sid, ch in items if sid not in errors))
         if not errors:
             return
         for exc in errors.values():

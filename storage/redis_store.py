@@ -38,7 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.bridge import Bridge
-from storage.metrics import JOURNAL_APPEND_SECONDS, JOURNAL_APPENDED, STORAGE_ERRORS, error_kind
+from storage.metrics import JOURNAL_FIGURES, STORAGE_ERRORS, error_kind
 from storage.ports import (
     MAX_JOURNAL_ENTRIES,
     Change,
@@ -56,8 +56,7 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "sessiond:"
 SOCKET_TIMEOUT_S = 2.0
 
-_APPEND_SECONDS = JOURNAL_APPEND_SECONDS.labels("redis")
-_APPENDED = JOURNAL_APPENDED.labels("redis")
+_FIGURES = JOURNAL_FIGURES["redis"]
 
 
 # KEYS[1] journal, KEYS[2] fence; ARGV[1] cap, ARGV[2] token; ARGV[2k+1], ARGV[2k+2] = version, payload.
@@ -302,49 +301,54 @@ class RedisJournal:
         if not items:
             return
         tokens = tokens or {}
-
-        def encode() -> list[tuple[Any, ...]]:
-            """One append script per session. Not a transaction: each session's script is atomic by itself."""
-            return [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
-
-        async def run() -> list[Any]:
-            # On the bridge thread (rediss://, a Redis Cluster, a second concurrent call): encoded here.
-            commands = encode()
-            if self._trio is None and not self._r.cluster and not self._conn_busy:
-                self._conn_busy = True
-                try:
-                    return await self._exchange(commands)
-                except RedisConnectionError:
-                    # One retry covers a connection that died while idle (Redis restarted); appends are
-                    # idempotent, so a batch that did land is accepted again unchanged.
-                    await asyncio.sleep(0.01)
-                    return await self._exchange(commands)
-                finally:
-                    self._conn_busy = False
-            # A Redis Cluster (the sessions of one batch live on several nodes: the client sends each node its
-            # share), or a second append_many while the first is in flight (only without BatchingJournal).
-            async with self._r.client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.eval(*command[1:])
-                return list(await pipe.execute(raise_on_error=False))
-
         started = time.perf_counter()
         if self._trio is not None and not self._trio_busy:
-            results = await self._trio_exchange(encode())
+            results = await self._trio_exchange(self._encode(items, tokens))
         else:
-            results = await self._r.call(run)
-        _APPEND_SECONDS.observe(time.perf_counter() - started)
-        errors = {
-            sid: _map_error(res) for (sid, _), res in zip(items, results, strict=True) if isinstance(res, Exception)
-        }
-        _APPENDED.inc(sum(len(ch) for sid, ch in items if sid not in errors))
-        if not errors:
+            results = await self._r.call(self._bridge_exchange, items, tokens)
+        elapsed = time.perf_counter() - started
+        errors: dict[str, Exception] | None = None
+        for (sid, _), res in zip(items, results, strict=True):
+            if isinstance(res, Exception):
+                if errors is None:
+                    errors = {}
+                errors[sid] = _map_error(res)
+        if errors is None:
+            _FIGURES.observe(elapsed, sum([len(ch) for _, ch in items]))
             return
+        _FIGURES.observe(elapsed, sum([len(ch) for sid, ch in items if sid not in errors]))
         for exc in errors.values():
             STORAGE_ERRORS.labels("redis", error_kind(exc)).inc()
         if len(items) == 1:
             raise next(iter(errors.values()))
         raise JournalRefused(errors)
+
+    def _encode(self, items: Sequence[tuple[str, Sequence[Change]]], tokens: Mapping[str, int]) -> list[Any]:
+        """One append script per session. Not a transaction: each session's script is atomic by itself."""
+        return [self._append_args(sid, changes, tokens.get(sid, 0)) for sid, changes in items]
+
+    async def _bridge_exchange(
+        self, items: Sequence[tuple[str, Sequence[Change]]], tokens: Mapping[str, int]
+    ) -> list[Any]:
+        """On the bridge thread (rediss://, a Redis Cluster, a second concurrent call): encoded there."""
+        commands = self._encode(items, tokens)
+        if self._trio is None and not self._r.cluster and not self._conn_busy:
+            self._conn_busy = True
+            try:
+                return await self._exchange(commands)
+            except RedisConnectionError:
+                # One retry covers a connection that died while idle (Redis restarted); appends are
+                # idempotent, so a batch that did land is accepted again unchanged.
+                await asyncio.sleep(0.01)
+                return await self._exchange(commands)
+            finally:
+                self._conn_busy = False
+        # A Redis Cluster (the sessions of one batch live on several nodes: the client sends each node its
+        # share), or a second append_many while the first is in flight (only without BatchingJournal).
+        async with self._r.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.eval(*command[1:])
+            return list(await pipe.execute(raise_on_error=False))
 
     async def _trio_exchange(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """The group commit on the trio connection (appends are idempotent: `exchange_idempotent` may retry),

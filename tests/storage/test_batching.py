@@ -138,3 +138,50 @@ async def test_an_appender_cancelled_while_waiting_leaves_the_flush_and_the_othe
     assert [c.version for c in await journal.read_after("mine", 0)] == [1]  # written all the same
     await journal.append("later", change(1))
     assert [c.version for c in await journal.read_after("later", 0)] == [1]
+
+
+async def test_appends_queued_when_the_flusher_stops_fail_rather_than_hang() -> None:
+    """The storage closes (its nursery is cancelled) with a flush in flight and appends queued behind it: every
+    waiter gets StorageUnavailable at once."""
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    inner.gate = trio.Event()  # never opened: the first flush hangs in flight
+    outcomes: dict[str, str] = {}
+
+    async def append(sid: str) -> None:
+        try:
+            await journal.append(sid, change(1))
+        except StorageUnavailable:
+            outcomes[sid] = "unavailable"
+        else:
+            outcomes[sid] = "written"
+
+    with trio.fail_after(10):  # a waiter left hanging fails here, not by stalling the suite
+        async with trio.open_nursery() as appenders:
+            with trio.CancelScope() as flusher:
+                appenders.start_soon(append, "in-flight")
+                async with trio.open_nursery() as storage:
+                    storage.start_soon(journal.run)
+                    await trio.testing.wait_all_tasks_blocked()
+                    appenders.start_soon(append, "queued")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert inner.calls == [["in-flight"]]
+                    flusher.cancel()
+    assert outcomes == {"in-flight": "unavailable", "queued": "unavailable"}
+
+
+async def test_a_flusher_cancelled_while_idle_can_be_started_again() -> None:
+    """Cancelled while it waits for work, the flusher leaves no stale waiter behind: a new one serves appends."""
+    inner = CountingJournal()
+    journal = BatchingJournal(inner)
+    with trio.CancelScope() as first:
+        async with trio.open_nursery() as storage:
+            storage.start_soon(journal.run)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+    async with trio.open_nursery() as storage:
+        storage.start_soon(journal.run)
+        await journal.append("s", change(1))
+        storage.cancel_scope.cancel()
+    assert inner.calls == [["s"]]
+    assert [c.version for c in await journal.read_after("s", 0)] == [1]
