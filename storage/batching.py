@@ -14,6 +14,7 @@ from typing import Protocol
 
 import trio
 
+from runtime.sleeper import Sleeper
 from storage.ports import Change, Journal, StorageUnavailable
 
 MAX_BATCH_SESSIONS = 256
@@ -56,37 +57,35 @@ class BatchingJournal:
     `run()` must be running (in the storage's nursery) for appends to complete. One session never has two
     appends in flight (its actor awaits each), so per-session order is kept.
 
-    The waits are trio's low-level park and reschedule, not an Event per append and per wake: at hundreds of
-    group commits a second, creating, setting and waiting on those Events was 4 % of the server's CPU in Redis
-    mode (py-spy --gil, `bench fanout --redis`). A cancelled append stops waiting; its changes may still be
-    written (as before: a cancelled actor's turn is lost with it, and a retry of the same versions is a no-op).
+    The waits are trio's low-level park and reschedule (a `Sleeper` for the flusher), not an Event per append and
+    per wake: at hundreds of group commits a second, creating, setting and waiting on those Events was 4 % of the
+    server's CPU in Redis mode (py-spy --gil, `bench fanout --redis`). A cancelled append stops waiting; its
+    changes may still be written (as before: a cancelled actor's turn is lost with it, and a retry of the same
+    versions is a no-op).
     """
 
     def __init__(self, inner: ManyJournal) -> None:
         self.inner = inner
         self._queue: list[_Pending] = []
-        self._idle: trio.lowlevel.Task | None = None  # the flusher, while it waits for work
+        self._idle = Sleeper()  # the flusher, while it waits for work
+        self._stopped = False  # run() ran and ended: nobody would flush a new append
         self.flushes = 0
         self.appended = 0
 
     async def append(self, session_id: str, changes: Sequence[Change], token: int = 0) -> None:
         if not changes:
             return
+        if self._stopped:
+            raise StorageUnavailable("journal closing")
         pending = _Pending(session_id, changes, token, trio.lowlevel.current_task())
         self._queue.append(pending)
-        idle = self._idle
-        if idle is not None:
-            self._idle = None
-            trio.lowlevel.reschedule(idle)
+        self._idle.wake()
         await trio.lowlevel.wait_task_rescheduled(pending.abort)
         if pending.error is not None:
             raise pending.error
 
     async def run(self) -> None:
-        def abort(_: Callable[[], BaseException]) -> trio.lowlevel.Abort:
-            self._idle = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
+        self._stopped = False
         try:
             while True:
                 if not self._queue:
@@ -94,13 +93,13 @@ class BatchingJournal:
                     # batch of runnable tasks, so every actor that ran with it (one read-hub round) has queued
                     # already. One here cost 4 µs of CPU per flush and shared no more round trips
                     # (`python -m bench.groupcommit_probe`).
-                    self._idle = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    await self._idle.sleep()
                 while self._queue:
                     batch, self._queue = self._queue[:MAX_BATCH_SESSIONS], self._queue[MAX_BATCH_SESSIONS:]
                     await self._flush(batch)
         finally:
-            # Stopped (the storage is closing): whoever still waits fails rather than hanging.
+            # Stopped (the storage is closing): whoever still waits, or appends later, fails rather than hangs.
+            self._stopped = True
             queue, self._queue = self._queue, []
             for pending in queue:
                 pending.finish(StorageUnavailable("journal closing"))

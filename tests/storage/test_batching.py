@@ -168,6 +168,8 @@ async def test_appends_queued_when_the_flusher_stops_fail_rather_than_hang() -> 
                     assert inner.calls == [["in-flight"]]
                     flusher.cancel()
     assert outcomes == {"in-flight": "unavailable", "queued": "unavailable"}
+    with pytest.raises(StorageUnavailable):
+        await journal.append("later", change(1))  # nobody flushes any more: refused at once
 
 
 async def test_a_flusher_cancelled_while_idle_can_be_started_again() -> None:
@@ -181,6 +183,7 @@ async def test_a_flusher_cancelled_while_idle_can_be_started_again() -> None:
             first.cancel()
     async with trio.open_nursery() as storage:
         storage.start_soon(journal.run)
+        await trio.testing.wait_all_tasks_blocked()  # running again: appends are taken again
         await journal.append("s", change(1))
         storage.cancel_scope.cancel()
     assert inner.calls == [["s"]]
