@@ -53,9 +53,14 @@ class Mailbox(Generic[T]):
 
     async def get(self) -> T:
         """The next message, waiting for one (one reader at a time); `trio.EndOfChannel` once closed and empty."""
+        slept = False
         while True:
             items = self._items
             if items:
+                if slept:
+                    # The sleep was this call's checkpoint (it could be cancelled and it yielded): a second one
+                    # here cost every idle-then-woken actor a pass through trio's run queue per turn.
+                    return items.popleft()
                 await trio.lowlevel.checkpoint_if_cancelled()
                 item = items.popleft()
                 await trio.lowlevel.cancel_shielded_checkpoint()  # as a channel does: a busy actor still yields
@@ -63,6 +68,7 @@ class Mailbox(Generic[T]):
             if self._closed:
                 raise trio.EndOfChannel
             await self._reader.sleep()
+            slept = True
 
     def shrink(self) -> None:
         """Give the empty buffer back (an actor going dormant): the next message makes a new one."""

@@ -96,3 +96,32 @@ async def test_a_reader_with_mail_waiting_still_yields_to_others() -> None:
             await box.get()
         nursery.cancel_scope.cancel()
     assert other_ran >= 100
+
+
+async def test_a_reader_woken_by_mail_takes_it_in_one_task_step() -> None:
+    """The sleep was the reader's schedule point: woken, it returns the message at once rather than queueing for
+    one more pass through trio's run queue (one per turn of every idle-then-woken actor)."""
+    box: Mailbox[int] = Mailbox(10)
+    got: list[int] = []
+    steps: list[trio.lowlevel.Task] = []
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps.append(task)
+
+    async def reader(task_status: trio.TaskStatus[trio.lowlevel.Task]) -> None:
+        task_status.started(trio.lowlevel.current_task())
+        got.append(await box.get())
+
+    async with trio.open_nursery() as nursery:
+        task = await nursery.start(reader)
+        await trio.testing.wait_all_tasks_blocked()  # asleep in get()
+        instrument = Steps()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            box.put_nowait(7)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+    assert got == [7]
+    assert steps.count(task) == 1
