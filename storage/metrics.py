@@ -7,13 +7,13 @@ default registry refuses duplicates), so every backend instance shares them.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from runtime.hothistogram import HotHistogram
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0)
 
@@ -25,25 +25,23 @@ BRIDGE_CALL_SECONDS = Histogram(
 
 
 class JournalFigures:
-    """One backend's journal batch figures as plain numbers, bumped on the trio thread once per batch and read at
-    scrape time (`sessiond_storage_journal_append_seconds` and `..._changes_total`).
+    """One backend's journal batch figures, bumped on the trio thread once per batch and read at scrape time
+    (`sessiond_storage_journal_append_seconds` and `..._changes_total`).
 
     Why not a Histogram and a Counter: their values take a lock per update (the sum, the bucket, the counter),
     and at hundreds of group commits a second those locks were 4 % of the server's CPU in Redis mode (py-spy
-    --gil, `bench fanout --redis`), a fifth of what Redis durability costs over memory mode.
+    --gil, `bench fanout --redis`).
     """
 
-    __slots__ = ("buckets", "changes", "total")
+    __slots__ = ("changes", "seconds")
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last one: above every bound (+Inf only)
-        self.total = 0.0
+        self.seconds = HotHistogram(_LATENCY_BUCKETS)
         self.changes = 0
 
     def observe(self, seconds: float, changes: int) -> None:
         """One batch written in `seconds` with `changes` changes accepted."""
-        self.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1  # `le`: a value on a bound counts in it
-        self.total += seconds
+        self.seconds.observe(seconds)
         self.changes += changes
 
 
@@ -61,18 +59,14 @@ class _JournalCollector(Collector):
             "sessiond_storage_journal_changes", "Changes written to a journal batch, by backend", labels=["backend"]
         )
         for backend, figures in JOURNAL_FIGURES.items():
-            counts = list(figures.buckets)  # one copy: the cumulative buckets and the count agree
-            cumulative, running = [], 0
-            for bound, count in zip((*map(floatToGoString, _LATENCY_BUCKETS), "+Inf"), counts, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            seconds.add_metric([backend], cumulative, figures.total)
+            seconds.add_metric([backend], figures.seconds.cumulative(), figures.seconds.sum)
             changes.add_metric([backend], figures.changes)
         yield seconds
         yield changes
 
 
 REGISTRY.register(_JournalCollector())
+
 STORAGE_ERRORS = Counter(
     "sessiond_storage_errors_total",
     "Storage calls that failed, by backend and kind (unavailable, full, fenced, conflict)",

@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url
 
 from actors.messages import Outgoing
 from actors.placement import owner
+from runtime.hothistogram import HotHistogram
 from tests.integration.harness import SECRET, RawDevice, raw_device, start_server
 from tests.support.pods import Pods
 from transport import metrics
@@ -43,7 +44,7 @@ def buckets(text: str, family: str) -> dict[tuple[str, str], float]:
 
 
 def test_hot_histogram_counts_like_a_prometheus_histogram() -> None:
-    histogram = metrics.HotHistogram((0.001, 0.01, 0.1))
+    histogram = HotHistogram((0.001, 0.01, 0.1))
     for value in (0.0005, 0.001, 0.002, 0.05, 0.1, 7.0):  # a value on a bound is counted in it (le)
         histogram.observe(value)
     assert histogram.cumulative() == [("0.001", 2), ("0.01", 3), ("0.1", 5), ("+Inf", 6)]
