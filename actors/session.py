@@ -81,14 +81,18 @@ class Answers:
         bound of its own."""
         return self.versions[bisect_left(self.ids, op_id)]
 
-    def pairs(self, newest: int | None = None) -> list[list[int]]:
-        """The answers as [op id, version] pairs, oldest first; only the `newest` N when given (a snapshot keeps
-        ACKED_IN_SNAPSHOT of up to ACKED_PER_DEVICE: slicing the arrays first spares building the rest)."""
+    def pairs(self, newest: int | None = None) -> list[tuple[int, int]]:
+        """The answers as (op id, version) pairs, oldest first; only the `newest` N when given (a snapshot keeps
+        ACKED_IN_SNAPSHOT of up to ACKED_PER_DEVICE: slicing the arrays first spares building the rest).
+
+        Tuples, built by `zip` in C: JSON writes them as the same arrays, and a list comprehension building a list
+        per pair was 6.5 % of the server's CPU under `bench handoff --redis` (py-spy --gil; 20.8 against 11.2 µs
+        for 256 pairs, timeit)."""
         ids, versions = self.ids, self.versions
         if newest is not None and len(ids) > newest:
             start = len(ids) - newest
             ids, versions = ids[start:], versions[start:]
-        return [[i, v] for i, v in zip(ids, versions, strict=True)]
+        return list(zip(ids, versions, strict=True))
 
 
 def rest_key(idempotency_key: str) -> int:
@@ -306,9 +310,9 @@ class SessionState:
             status=self.status,
             active=self.active,
             acked={
-                **{device: [[hw >> _HW_SHIFT, hw & _HW_MASK]] for device, hw in self.high_water.items()},
+                **{device: [(hw >> _HW_SHIFT, hw & _HW_MASK)] for device, hw in self.high_water.items()},
                 **{device: answers.pairs(ACKED_IN_SNAPSHOT) for device, answers in self.acked.items()},
-                **({REST_DEVICE: [[k, v] for k, v in self.rest_keys.items()]} if self.rest_keys else {}),
+                **({REST_DEVICE: list(self.rest_keys.items())} if self.rest_keys else {}),
             },
         )
 

@@ -78,8 +78,9 @@ class Snapshot:
     status: str
     active: str | None
     # Idempotency table: device id -> list of [op id, version] most recent last (bounded by the actor); the last
-    # pair of a device is its high-water mark (op ids only grow per device, DESIGN §3).
-    acked: dict[str, list[list[int]]] = field(default_factory=dict)
+    # pair of a device is its high-water mark (op ids only grow per device, DESIGN §3). Pairs are tuples when the
+    # actor took the snapshot (cheaper to build), lists when read back from JSON; both are written as JSON arrays.
+    acked: dict[str, Sequence[Sequence[int]]] = field(default_factory=dict)
     # The fencing token of the writer (the session's epoch when it was taken). A store refuses it (Fenced) when
     # the session's fence is newer; 0 is the token of a session that no pod has owned yet (its creation).
     epoch: int = 0

@@ -376,7 +376,25 @@ def test_snapshot_is_a_deep_copy() -> None:
     s.change("a", 2, [{"op": "set", "path": "/x/z", "value": 2}], None, T)
     s.state["x"]["y"].append(2)
     assert snap.state == {"x": {"y": [1]}} and snap.version == 1
-    assert snap.acked == {"a": [[1, 1]]}
+    assert snap.acked == {"a": [(1, 1)]}
+
+
+def test_a_snapshot_read_back_from_json_restores_the_same_answers() -> None:
+    """The actor's snapshot holds its idempotency pairs as tuples; a store writes them as JSON arrays and reads
+    lists back. Both restore the same answers, and the JSON is the same bytes as with lists."""
+    s = with_devices("a", "b")
+    for i in range(1, 6):
+        s.change("a" if i % 2 else "b", i, inc(), None, T)
+    s.take_effects()
+    snap = s.snapshot()
+    raw = orjson.dumps(snap)
+    assert raw == orjson.dumps({**orjson.loads(raw), "acked": {d: [list(p) for p in v] for d, v in snap.acked.items()}})
+    back = Snapshot(**orjson.loads(raw))
+    assert all(type(pair) is list for pairs in back.acked.values() for pair in pairs)
+    live, from_json = SessionState.restore(s.record(), snap, []), SessionState.restore(s.record(), back, [])
+    assert from_json.acked == live.acked and from_json.high_water == live.high_water
+    assert from_json.change("b", 4, inc(), None, T) == Accepted(4)  # a retransmit: answered, not applied again
+    assert from_json.version == 5
 
 
 @pytest.mark.parametrize("snap_at", [0, 2, 4, 6])
@@ -403,8 +421,8 @@ def test_restore_from_snapshot_and_journal_equals_live(snap_at: int, overlap: bo
 
 def test_answers_pairs_newest_n_oldest_first() -> None:
     answers = Answers([(i, 10 * i) for i in range(1, 6)])
-    assert answers.pairs() == [[1, 10], [2, 20], [3, 30], [4, 40], [5, 50]]
-    assert answers.pairs(2) == [[4, 40], [5, 50]]
+    assert answers.pairs() == [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)]
+    assert answers.pairs(2) == [(4, 40), (5, 50)]
     assert answers.pairs(9) == answers.pairs()
     assert answers.pairs(0) == []
 
