@@ -146,6 +146,20 @@ async def test_partial_writes_and_reads_carry_a_large_value_whole(nursery: trio.
         conn.close()
 
 
+async def test_an_exchange_of_no_commands_answers_at_once_and_the_next_one_works(nursery: trio.Nursery) -> None:
+    """The reply is awaited before the first read, but only when something was sent: nothing sent, nothing to
+    wait for (it would wait until the timeout)."""
+    conn = TrioRedisConnection(REDIS_URL, 5.0)
+    nursery.start_soon(conn.watch)
+    try:
+        with trio.fail_after(1):
+            assert await conn.exchange([["PING"]]) == [b"PONG"]
+            assert await conn.exchange([]) == []
+            assert await conn.exchange([["PING"], ["ECHO", "x"]]) == [b"PONG", b"x"]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize(
     "command",
     [
