@@ -9,10 +9,8 @@ when idle (a lone append is flushed at once), larger batches exactly when load g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
-
-import trio
 
 from runtime.sleeper import Sleeper
 from storage.ports import Change, Journal, StorageUnavailable
@@ -29,26 +27,21 @@ class ManyJournal(Journal, Protocol):
         ...
 
 
-class _Pending:
-    __slots__ = ("changes", "error", "session_id", "task", "token")
+class _Pending(Sleeper):
+    """One append waiting for its flush: the appender sleeps on it; `finish` wakes it (no-op once cancelled)."""
 
-    def __init__(self, session_id: str, changes: Sequence[Change], token: int, task: trio.lowlevel.Task) -> None:
+    __slots__ = ("changes", "error", "session_id", "token")
+
+    def __init__(self, session_id: str, changes: Sequence[Change], token: int) -> None:
+        super().__init__()
         self.session_id = session_id
         self.changes = changes
         self.token = token
-        self.task: trio.lowlevel.Task | None = task  # None once it is woken or gave up waiting (cancelled)
         self.error: BaseException | None = None
-
-    def abort(self, _: Callable[[], BaseException]) -> trio.lowlevel.Abort:
-        """Cancelled while waiting: stop waiting (the changes stay queued)."""
-        self.task = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
     def finish(self, error: BaseException | None = None) -> None:
         self.error = error
-        if self.task is not None:
-            trio.lowlevel.reschedule(self.task)
-            self.task = None
+        self.wake()
 
 
 class BatchingJournal:
@@ -57,11 +50,10 @@ class BatchingJournal:
     `run()` must be running (in the storage's nursery) for appends to complete. One session never has two
     appends in flight (its actor awaits each), so per-session order is kept.
 
-    The waits are trio's low-level park and reschedule (a `Sleeper` for the flusher), not an Event per append and
-    per wake: at hundreds of group commits a second, creating, setting and waiting on those Events was 4 % of the
-    server's CPU in Redis mode (py-spy --gil, `bench fanout --redis`). A cancelled append stops waiting; its
-    changes may still be written (as before: a cancelled actor's turn is lost with it, and a retry of the same
-    versions is a no-op).
+    The waits are `Sleeper`s (trio's low-level park and reschedule), not an Event per append and per wake: at
+    hundreds of group commits a second, creating, setting and waiting on those Events was 4 % of the server's CPU
+    in Redis mode (py-spy --gil, `bench fanout --redis`). A cancelled append stops waiting; its changes may still
+    be written (as before: a cancelled actor's turn is lost with it, and a retry of the same versions is a no-op).
     """
 
     def __init__(self, inner: ManyJournal) -> None:
@@ -77,10 +69,10 @@ class BatchingJournal:
             return
         if self._stopped:
             raise StorageUnavailable("journal closing")
-        pending = _Pending(session_id, changes, token, trio.lowlevel.current_task())
+        pending = _Pending(session_id, changes, token)
         self._queue.append(pending)
         self._idle.wake()
-        await trio.lowlevel.wait_task_rescheduled(pending.abort)
+        await pending.sleep()  # no checkpoint between queueing and sleeping: the flusher cannot finish it first
         if pending.error is not None:
             raise pending.error
 

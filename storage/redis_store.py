@@ -307,16 +307,12 @@ class RedisJournal:
         else:
             results = await self._r.call(self._bridge_exchange, items, tokens)
         elapsed = time.perf_counter() - started
-        errors: dict[str, Exception] | None = None
-        for (sid, _), res in zip(items, results, strict=True):
-            if isinstance(res, Exception):
-                if errors is None:
-                    errors = {}
-                errors[sid] = _map_error(res)
-        if errors is None:
-            _FIGURES.observe(elapsed, sum([len(ch) for _, ch in items]))
+        errors = {
+            sid: _map_error(res) for (sid, _), res in zip(items, results, strict=True) if isinstance(res, Exception)
+        }
+        _FIGURES.observe(elapsed, sum(len(ch) for sid, ch in items if sid not in errors))
+        if not errors:
             return
-        _FIGURES.observe(elapsed, sum([len(ch) for sid, ch in items if sid not in errors]))
         for exc in errors.values():
             STORAGE_ERRORS.labels("redis", error_kind(exc)).inc()
         if len(items) == 1:
