@@ -143,7 +143,7 @@ def _map_error(exc: Exception) -> Exception:
     return exc
 
 
-def _unavailable(exc: Exception) -> StorageUnavailable:
+def unavailable(exc: Exception) -> StorageUnavailable:
     """A Redis outage (no connection, no reply in time), counted, as the ports raise it."""
     STORAGE_ERRORS.labels("redis", "unavailable").inc()
     return StorageUnavailable(f"redis: {type(exc).__name__}: {exc}")
@@ -185,12 +185,31 @@ class RedisClient:
         try:
             reply = await side.call(*args)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         if isinstance(reply, ResponseError):
             mapped = _map_error(reply)
             STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
             raise mapped from reply
         return reply
+
+    async def commands(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Several idempotent commands in one round trip: on the trio side connection when there is one (hiredis
+        packs a command named in bytes), else a non-transactional pipeline on the bridge (a cluster sends each node
+        its share). A reply each, an error reply as its exception object; an outage raises StorageUnavailable."""
+        side = self.side
+        if side is not None:
+            try:
+                return await side.call_many(commands)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                raise unavailable(exc) from exc
+
+        async def pipelined() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, *args in commands:
+                    pipe.execute_command(name.decode() if isinstance(name, bytes) else name, *args)
+                return list(await pipe.execute(raise_on_error=False))
+
+        return await self.call(pipelined)
 
     def key(self, session_id: str, kind: str) -> str:
         """`{prefix}{SID}:kind`: one hash tag per session (one cluster slot for all its keys)."""
@@ -211,7 +230,7 @@ class RedisClient:
             return await self.bridge.run(_await, fn, *args)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError, ClusterError,
                 RedisClusterException) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         except ResponseError as exc:
             mapped = _map_error(exc)
             STORAGE_ERRORS.labels("redis", error_kind(mapped)).inc()
@@ -355,7 +374,7 @@ class RedisJournal:
         try:
             return await conn.exchange_idempotent(commands)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         finally:
             self._trio_busy = False
 

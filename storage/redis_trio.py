@@ -9,8 +9,9 @@ Only what these callers need: connect (TCP or unix socket), the handshake the UR
 pipelined exchanges. No hand-written protocol: redis-py's own packer (`HiredisRespSerializer`, what its connections
 use when hiredis is installed) encodes, hiredis' sans-I/O `Reader` (redis-py's accelerator) parses, and redis-py's
 `parse_url` and `BaseParser.parse_error` read the URL and turn error replies into the exception types redis.asyncio
-raises. The snapshot writes and journal trims of every handoff share a second such connection through a
-`TrioCommandQueue` (`RedisClient.command`): what waits during an exchange goes in the next one. Everything else
+raises. The snapshot writes and journal trims of every handoff, and the lease renewals, share a second such
+connection through a `TrioCommandQueue` (`RedisClient.command`, `.commands`): what waits during an exchange goes in
+the next one. Everything else
 (reads, leases, TLS, Redis Cluster) stays on redis.asyncio through the bridge.
 """
 
@@ -199,23 +200,25 @@ class TrioRedisConnection:
 
 
 class _Slot:
-    __slots__ = ("command", "done", "error", "reply")
+    """One caller's commands in the queue, sent in the same exchange, and their replies in order."""
 
-    def __init__(self, command: Sequence[Any]) -> None:
-        self.command = command
+    __slots__ = ("commands", "done", "error", "replies")
+
+    def __init__(self, commands: Sequence[Sequence[Any]]) -> None:
+        self.commands = commands
         self.done = trio.Event()
-        self.reply: Any = None
+        self.replies: list[Any] = []
         self.error: BaseException | None = None
 
 
 class TrioCommandQueue:
-    """Single commands from many tasks over one TrioRedisConnection, sent together: what queued while an exchange
-    was in flight goes in the next one (one command at a time behind a lock queued for a round trip and a run-loop
-    pass each: under a handoff load, 2.5x the latency of the bridge's pool).
+    """Commands from many tasks over one TrioRedisConnection, sent together: what queued while an exchange was in
+    flight goes in the next one (one command at a time behind a lock queued for a round trip and a run-loop pass
+    each: under a handoff load, 2.5x the latency of the bridge's pool).
 
     `run()` (in a nursery) is the only sender. Once it has stopped, calls fail with `RedisConnectionError`.
     A failed exchange fails its whole batch, after `exchange_idempotent`'s one retry: callers send idempotent
-    commands only (snapshot writes, journal trims).
+    commands only (snapshot writes, journal trims, lease renewals).
     """
 
     def __init__(self, conn: TrioRedisConnection) -> None:
@@ -226,15 +229,21 @@ class TrioCommandQueue:
 
     async def call(self, *command: Any) -> Any:
         """The reply (an error reply as its exception object, as `exchange`); the connection's errors raised."""
+        return (await self.call_many([command]))[0]
+
+    async def call_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands in one exchange (one slot and one wake for all of them): a reply each, in order."""
         if self._closed:
             raise RedisConnectionError("the Redis command queue is closed")
-        slot = _Slot(command)
+        if not commands:
+            return []
+        slot = _Slot(commands)
         self._queue.append(slot)
         self._wake.set()
         await slot.done.wait()
         if slot.error is not None:
             raise slot.error
-        return slot.reply
+        return slot.replies
 
     async def run(self) -> None:
         try:
@@ -243,7 +252,7 @@ class TrioCommandQueue:
                 self._wake = trio.Event()
                 batch, self._queue = self._queue, []
                 try:
-                    replies = await self.conn.exchange_idempotent([slot.command for slot in batch])
+                    replies = await self.conn.exchange_idempotent([c for slot in batch for c in slot.commands])
                 except Exception as exc:
                     for slot in batch:
                         slot.error = exc
@@ -252,8 +261,11 @@ class TrioCommandQueue:
                 except BaseException:
                     self._queue[:0] = batch  # failed below with the rest
                     raise
-                for slot, reply in zip(batch, replies, strict=True):
-                    slot.reply = reply
+                start = 0
+                for slot in batch:
+                    end = start + len(slot.commands)
+                    slot.replies = replies[start:end]
+                    start = end
                     slot.done.set()
         finally:
             self._closed = True

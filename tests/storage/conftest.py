@@ -16,10 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from storage.bridge import Bridge, open_bridge
 from storage.memory import memory_storage
 from storage.ports import Storage
 from storage.production import open_production_storage
 from storage.sqlite import open_sqlite_storage
+
+
+@pytest.fixture
+async def bridge() -> AsyncIterator[Bridge]:
+    """The storage layer's asyncio thread, for the backend tests that open a client on it themselves."""
+    async with open_bridge() as b:
+        yield b
+
 
 BackendFactory = Callable[[pytest.FixtureRequest, Path], AbstractAsyncContextManager[Storage]]
 

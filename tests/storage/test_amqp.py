@@ -20,19 +20,13 @@ import trio
 from prometheus_client import REGISTRY
 
 from storage.amqp import EXCHANGE, open_amqp_events
-from storage.bridge import Bridge, open_bridge
+from storage.bridge import Bridge
 from tests.support.proxy import TcpProxy
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 KEYS = ["session.created", "session.ended", "device.joined", "device.left", "session.handoff", "actor.crashed"]
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-async def bridge() -> AsyncIterator[Bridge]:
-    async with open_bridge() as b:
-        yield b
 
 
 def _declare(queue: str) -> None:

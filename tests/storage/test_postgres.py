@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import trio
 
-from storage.bridge import Bridge, open_bridge
+from storage.bridge import Bridge
 from storage.memory import encode_cursor
 from storage.ports import SessionRecord, Snapshot, StorageUnavailable
 from storage.postgres import PostgresBackend, migrate, migration_files, open_postgres
@@ -19,12 +19,6 @@ from storage.postgres import PostgresBackend, migrate, migration_files, open_pos
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-async def bridge() -> AsyncIterator[Bridge]:
-    async with open_bridge() as b:
-        yield b
 
 
 async def _admin(bridge: Bridge, sql: str) -> None:

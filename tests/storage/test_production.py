@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import trio
 
-from storage.bridge import Bridge, open_bridge
+from storage.bridge import Bridge
 from storage.memory import Fences, MemoryJournal, MemorySnapshotStore, VolatileSnapshotStore
 from storage.ports import Change, Snapshot, StorageUnavailable
 from storage.postgres import PostgresBackend, PostgresJournal, migrate_url, open_postgres
@@ -52,12 +52,6 @@ def changes(first: int, last: int, device: str = "d1") -> list[Change]:
         Change(version=v, device=device, op_id=v, ops=[{"op": "set", "path": f"/k{v}", "value": v}])
         for v in range(first, last + 1)
     ]
-
-
-@pytest.fixture
-async def bridge() -> AsyncIterator[Bridge]:
-    async with open_bridge() as b:
-        yield b
 
 
 @pytest.fixture

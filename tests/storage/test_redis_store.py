@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 import trio
 from redis.exceptions import ResponseError
 
-from storage.bridge import Bridge, open_bridge
+from storage.bridge import Bridge
 from storage.ports import Change, Fenced, Snapshot, StorageUnavailable
 from storage.redis_store import (
     JournalFull,
@@ -38,12 +38,6 @@ from tests.support.redis_cluster_fixture import redis_cluster_url  # noqa: F401 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-async def bridge() -> AsyncIterator[Bridge]:
-    async with open_bridge() as b:
-        yield b
 
 
 def _prefix() -> str:

@@ -51,6 +51,30 @@ async def test_what_waits_during_an_exchange_goes_in_the_next_one(nursery: trio.
     assert await queue.call("DEL", key) == 1
 
 
+async def test_call_many_sends_its_commands_in_one_exchange_with_other_callers(nursery: trio.Nursery) -> None:
+    conn = CountingConnection()
+    queue = TrioCommandQueue(conn)
+    nursery.start_soon(queue.run)
+    key = f"sessiond-test-{uuid.uuid4().hex[:10]}:n"
+    many: list[Any] = []
+    one: list[Any] = []
+
+    async def twenty() -> None:
+        many.extend(await queue.call_many([("INCR", key)] * 19 + [("HGET", key, "f")]))
+
+    async def single() -> None:
+        one.append(await queue.call("SET", f"{key}:other", "x"))
+
+    async with trio.open_nursery() as callers:
+        callers.start_soon(twenty)
+        callers.start_soon(single)
+    assert conn.sizes == [21]  # both callers' commands, one round trip
+    assert many[:19] == list(range(1, 20)) and isinstance(many[19], ResponseError)  # its replies, in order
+    assert one == [b"OK"]
+    assert await queue.call_many([]) == []
+    assert await queue.call_many([("DEL", key), ("DEL", f"{key}:other")]) == [1, 1]
+
+
 async def test_a_cancelled_caller_leaves_the_queue_serving(nursery: trio.Nursery) -> None:
     queue = TrioCommandQueue(TrioRedisConnection(REDIS_URL, 2.0))
     nursery.start_soon(queue.run)
