@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from bench import soak
+from bench import durability_ratio, soak
 from bench.proc import process_cpu_s, process_rss_bytes
 from bench.server import sessiond_runnable
 from bench.stats import Latency, percentile
@@ -191,3 +191,28 @@ async def test_the_group_commit_probe_reports_shared_round_trips(redis_url: str)
     assert set(rows) == {"1", "3", "bare"}, output
     assert float(rows["1"][-1]) == 1.0 and float(rows["3"][-1]) < 0.5, output
     assert all(float(row[1]) > 0 for row in rows.values()), output
+
+
+def test_durability_ratio_summary_pairs_runs_in_order() -> None:
+    summary = durability_ratio.summarize([100.0, 120.0, 90.0], [120.0, 126.0, 117.0])
+    assert summary.pair_ratios == pytest.approx([1.2, 1.05, 1.3])
+    assert summary.median_pair_ratio == pytest.approx(1.2)
+    assert summary.ratio_of_medians == pytest.approx(120.0 / 100.0)
+    with pytest.raises(ValueError):
+        durability_ratio.summarize([100.0], [])
+
+
+@pytest.mark.services
+async def test_durability_ratio_runs_a_pair(redis_url: str, tmp_path: Path) -> None:
+    """`python -m bench.durability_ratio` runs memory mode and Redis mode (the local Redis) and reports the ratio."""
+    argv = [sys.executable, "-m", "bench.durability_ratio", "--pairs", "1", "--quick", "--generator", "python",
+            "--results", str(tmp_path)]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pairs"] == 1 and summary["memory_us"][0] > 0 and summary["redis_us"][0] > 0, summary
+    runs = {mode: json.loads((tmp_path / f"pair01-{mode}" / "results.json").read_text())["results"]["sessiond"]
+            for mode in ("memory", "redis")}
+    assert runs["memory"]["storage"] == "embedded" and runs["redis"]["storage"] == "redis", runs
+    assert "ratio of medians" in output, output
