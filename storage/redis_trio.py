@@ -11,8 +11,8 @@ use when hiredis is installed) encodes, hiredis' sans-I/O `Reader` (redis-py's a
 `parse_url` and `BaseParser.parse_error` read the URL and turn error replies into the exception types redis.asyncio
 raises. The snapshot writes and journal trims of every handoff, and the lease renewals, share a second such
 connection through a `TrioCommandQueue` (`RedisClient.command`, `.commands`): what waits during an exchange goes in
-the next one. Everything else
-(reads, leases, TLS, Redis Cluster) stays on redis.asyncio through the bridge.
+the next one. Everything else (reads, lease grants and releases, TLS, Redis Cluster) stays on redis.asyncio through
+the bridge.
 """
 
 from __future__ import annotations
