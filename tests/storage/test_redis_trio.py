@@ -31,10 +31,19 @@ class CountingConnection(TrioRedisConnection):
         return await super().exchange(commands)
 
 
-async def test_what_waits_during_an_exchange_goes_in_the_next_one(nursery: trio.Nursery) -> None:
+@pytest.fixture
+def counted(nursery: trio.Nursery) -> tuple[CountingConnection, TrioCommandQueue]:
+    """A running command queue over a connection that counts its exchanges."""
     conn = CountingConnection()
     queue = TrioCommandQueue(conn)
     nursery.start_soon(queue.run)
+    return conn, queue
+
+
+async def test_what_waits_during_an_exchange_goes_in_the_next_one(
+    counted: tuple[CountingConnection, TrioCommandQueue],
+) -> None:
+    conn, queue = counted
     key = f"sessiond-test-{uuid.uuid4().hex[:10]}:n"
     replies: list[Any] = []
 
@@ -51,10 +60,10 @@ async def test_what_waits_during_an_exchange_goes_in_the_next_one(nursery: trio.
     assert await queue.call("DEL", key) == 1
 
 
-async def test_call_many_sends_its_commands_in_one_exchange_with_other_callers(nursery: trio.Nursery) -> None:
-    conn = CountingConnection()
-    queue = TrioCommandQueue(conn)
-    nursery.start_soon(queue.run)
+async def test_call_many_sends_its_commands_in_one_exchange_with_other_callers(
+    counted: tuple[CountingConnection, TrioCommandQueue],
+) -> None:
+    conn, queue = counted
     key = f"sessiond-test-{uuid.uuid4().hex[:10]}:n"
     many: list[Any] = []
     one: list[Any] = []
