@@ -54,6 +54,8 @@ def _fanout(mode: str, folder: Path, args: argparse.Namespace) -> float:
             "--no-progress", "--results", str(folder)]
     argv += ["--quick"] if args.quick else ["--rate", str(args.rate), "--duration", str(args.duration)]
     argv += ["--redis"] if mode == "redis" else []
+    for setting in args.set:
+        argv += ["--set", setting]
     done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)
     (folder / "output.txt").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
     parser.add_argument("--generator", choices=["node", "python"], default="node", help="load generator (default node)")
     parser.add_argument("--quick", action="store_true", help="seconds-long runs (a smoke test)")
+    parser.add_argument("--set", action="append", default=[], metavar="SESSIOND_X=V",
+                        help="a setting for every sessiond started, both modes (repeatable), as `python -m bench "
+                             "--set`")
     parser.add_argument("--results", type=Path, help="folder (default bench/results/<timestamp>-durability-ratio)")
     args = parser.parse_args(argv)
     if args.pairs < 1:

@@ -216,3 +216,14 @@ async def test_durability_ratio_runs_a_pair(redis_url: str, tmp_path: Path) -> N
             for mode in ("memory", "redis")}
     assert runs["memory"]["storage"] == "embedded" and runs["redis"]["storage"] == "redis", runs
     assert "ratio of medians" in output, output
+
+
+async def test_durability_ratio_passes_settings_to_the_servers(tmp_path: Path) -> None:
+    """`--set` reaches the servers it starts: one they refuse (HOT_ACTORS above 1000) fails the first run, memory
+    mode, which needs no Redis."""
+    argv = [sys.executable, "-m", "bench.durability_ratio", "--pairs", "1", "--quick", "--generator", "python",
+            "--set", "SESSIOND_HOT_ACTORS=5000", "--results", str(tmp_path)]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode != 0 and "memory run failed" in output, output
+    assert "HOT_ACTORS" in (tmp_path / "pair01-memory" / "output.txt").read_text()
