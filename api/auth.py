@@ -12,7 +12,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ MAX_SUB_CHARS = 256
 MIN_SECRET_BYTES = 32
 MIN_RSA_BITS = 2048
 DEV_SECRET_FILE = "jwt-secret"
+# Verified tokens remembered (`Authenticator.verify`): a few browser tabs, devices and SDK clients per user at a time.
+VERIFIED_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,7 @@ class Authenticator:
         max_token_bytes: int = 4096,
         audience: str | None = None,
         issuer: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if algorithm not in ("HS256", "RS256", "ES256"):
             raise SettingsError(f"jwt_algorithm: {algorithm} is not supported")
@@ -162,6 +165,8 @@ class Authenticator:
         # "checked when configured": an unconfigured audience does not refuse tokens that carry one
         self._options: Any = {"require": require, "verify_aud": audience is not None}
         self._codec = _quiet_codec()
+        self._clock = clock
+        self._verified: dict[str, Claims] = {}  # token -> its claims, oldest first (see `verify`)
         if algorithm == "HS256":
             try:
                 self._codec._jws.get_algorithm_by_name("HS256").prepare_key(self._key)
@@ -205,11 +210,27 @@ class Authenticator:
         return self.algorithm == "HS256"
 
     def verify(self, token: str) -> Claims:
-        """The claims of a valid token, or AuthError naming the first problem found."""
+        """The claims of a valid token, or AuthError naming the first problem found.
+
+        A token that passed every check is remembered, keyed by its exact text, and served from memory until its
+        `exp` (checked again at each use) or until `VERIFIED_TOKENS` newer ones push it out. The same token comes
+        back on every tab, every reconnect and every REST call of a client, and its verification cost 64 µs of
+        CPU (pyjwt, HS256, timeit, 2026-12-03): about what sessiond's connect cost beyond the bare transport's
+        (`bench capacity`). Envoy's jwt_authn keeps such a cache too. Nothing is remembered of a refused token, and
+        a token differing by one character is verified from scratch. The key and the checks are fixed for this
+        object's life, so a remembered verdict stays right until expiry. Memory: at most `VERIFIED_TOKENS` tokens
+        of at most `max_token_bytes` each (4 MiB with the defaults; a typical token is a few hundred bytes).
+        """
         if not isinstance(token, str) or not token:
             raise AuthError("malformed token")
         if len(token) > self._max_chars:  # chars <= bytes: refuse before any decoding work
             raise AuthError("token too long")
+        known = self._verified.get(token)
+        if known is not None:
+            if self._clock() < known.exp:  # pyjwt's rule: valid while exp > now
+                return known
+            del self._verified[token]
+            raise AuthError("token expired")
         if not token.isascii():
             raise AuthError("malformed token")
         try:
@@ -243,7 +264,12 @@ class Authenticator:
             raise AuthError("invalid claim: jti") from None
         except Exception:  # DecodeError and anything else pyjwt lets escape on hostile input
             raise AuthError("malformed token") from None
-        return _claims(payload)
+        claims = _claims(payload)
+        verified = self._verified
+        if len(verified) >= VERIFIED_TOKENS:
+            del verified[next(iter(verified))]  # the oldest: a bounded memory, whoever sends tokens
+        verified[token] = claims
+        return claims
 
     def mint(self, sub: str, *, roles: Sequence[str] = (), ttl_s: float = 3600) -> str:
         """A token for `sub` signed with the configured secret (`sessiond token`, tests)."""

@@ -434,3 +434,87 @@ def test_dev_mode_replaces_truncated_secret(tmp_path: Path) -> None:
     auth = Authenticator.from_settings(Settings(data_dir=tmp_path))
     assert len(tmp_path.joinpath(DEV_SECRET_FILE).read_text().strip()) == 64
     assert auth.verify(auth.mint("u")).sub == "u"
+
+
+# ---- verified tokens remembered: the same token's next uses skip the decoding, never its expiry ----
+
+
+class CountingCodec:
+    """Wraps the authenticator's pyjwt codec, counting full verifications."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.inner = auth._codec
+        self.calls = 0
+        auth._codec = self  # type: ignore[assignment]
+
+    def decode(self, *args: Any, **kw: Any) -> Any:
+        self.calls += 1
+        return self.inner.decode(*args, **kw)
+
+    def encode(self, *args: Any, **kw: Any) -> Any:
+        return self.inner.encode(*args, **kw)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked(clock: Clock) -> Authenticator:
+    return Authenticator(algorithm="HS256", key=SECRET, clock=clock)
+
+
+def test_a_verified_token_is_not_decoded_again() -> None:
+    auth = clocked(Clock())
+    codec = CountingCodec(auth)
+    token = auth.mint("alice", roles=["admin"], ttl_s=60)
+    first = auth.verify(token)
+    assert auth.verify(token) == first and auth.verify(token).is_admin
+    assert codec.calls == 1
+    other = auth.mint("bob", ttl_s=60)
+    assert auth.verify(other).sub == "bob" and codec.calls == 2
+
+
+def test_a_remembered_token_still_expires() -> None:
+    clock = Clock()
+    auth = clocked(clock)
+    token = auth.mint("alice", ttl_s=1.5)  # a lifetime not rounded to whole seconds
+    exp = auth.verify(token).exp
+    clock.now = exp - 0.001
+    assert auth.verify(token).sub == "alice"
+    clock.now = exp
+    assert refused(auth, token) == "token expired"
+    assert token not in auth._verified  # forgotten: a later use is judged by pyjwt from scratch
+
+
+def test_refused_tokens_are_never_remembered() -> None:
+    auth = clocked(Clock())
+    codec = CountingCodec(auth)
+    token = auth.mint("alice", ttl_s=60)
+    auth.verify(token)
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")  # another signature, the same claims
+    for _ in range(2):
+        assert refused(auth, tampered) == "bad signature"
+    forged = craft({"alg": "HS256", "typ": "JWT"}, {"sub": "alice", "exp": future()}, key=b"k" * 48)
+    for _ in range(2):
+        assert refused(auth, forged) == "bad signature"
+    assert codec.calls == 5
+
+
+def test_remembered_tokens_are_bounded_oldest_first() -> None:
+    from api.auth import VERIFIED_TOKENS
+
+    auth = clocked(Clock())
+    codec = CountingCodec(auth)
+    tokens = [auth.mint(f"user-{i}", ttl_s=60) for i in range(VERIFIED_TOKENS + 3)]
+    for token in tokens:
+        auth.verify(token)
+    assert len(auth._verified) == VERIFIED_TOKENS
+    calls = codec.calls
+    auth.verify(tokens[-1])  # recent: remembered
+    assert codec.calls == calls
+    auth.verify(tokens[0])  # among the 3 oldest: pushed out, verified again
+    assert codec.calls == calls + 1
