@@ -202,14 +202,19 @@ def test_durability_ratio_summary_pairs_runs_in_order() -> None:
         durability_ratio.summarize([100.0], [])
 
 
+async def run_ratio(results: Path, *extra: str) -> tuple[int, str]:
+    """One quick pair of `python -m bench.durability_ratio` (Python generator): its exit code and output."""
+    argv = [sys.executable, "-m", "bench.durability_ratio", "--pairs", "1", "--quick", "--generator", "python",
+            "--results", str(results), *extra]
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+
+
 @pytest.mark.services
 async def test_durability_ratio_runs_a_pair(redis_url: str, tmp_path: Path) -> None:
     """`python -m bench.durability_ratio` runs memory mode and Redis mode (the local Redis) and reports the ratio."""
-    argv = [sys.executable, "-m", "bench.durability_ratio", "--pairs", "1", "--quick", "--generator", "python",
-            "--results", str(tmp_path)]
-    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
-    output = (done.stdout + done.stderr).decode(errors="replace")
-    assert done.returncode == 0, output
+    returncode, output = await run_ratio(tmp_path)
+    assert returncode == 0, output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["pairs"] == 1 and summary["memory_us"][0] > 0 and summary["redis_us"][0] > 0, summary
     runs = {mode: json.loads((tmp_path / f"pair01-{mode}" / "results.json").read_text())["results"]["sessiond"]
@@ -221,9 +226,6 @@ async def test_durability_ratio_runs_a_pair(redis_url: str, tmp_path: Path) -> N
 async def test_durability_ratio_passes_settings_to_the_servers(tmp_path: Path) -> None:
     """`--set` reaches the servers it starts: one they refuse (HOT_ACTORS above 1000) fails the first run, memory
     mode, which needs no Redis."""
-    argv = [sys.executable, "-m", "bench.durability_ratio", "--pairs", "1", "--quick", "--generator", "python",
-            "--set", "SESSIOND_HOT_ACTORS=5000", "--results", str(tmp_path)]
-    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
-    output = (done.stdout + done.stderr).decode(errors="replace")
-    assert done.returncode != 0 and "memory run failed" in output, output
+    returncode, output = await run_ratio(tmp_path, "--set", "SESSIOND_HOT_ACTORS=5000")
+    assert returncode != 0 and "memory run failed" in output, output
     assert "HOT_ACTORS" in (tmp_path / "pair01-memory" / "output.txt").read_text()
